@@ -1,0 +1,25 @@
+"""jaxprop: backpropagation written by hand, in pure jax.numpy, checked against jax.grad."""
+from jaxprop.core import (Layer, Loss, call_forward, init_state, output_shape)
+from jaxprop.layers.dense import dense
+from jaxprop.layers.activations import (elementwise, identity, sigmoid, tanh, relu, leaky_relu, elu,
+                                        softplus, gelu, silu, softmax, log_softmax)
+from jaxprop.layers.reshape import flatten, reshape
+from jaxprop.layers.dropout import dropout
+from jaxprop.combinators import serial, residual
+from jaxprop.losses import mse, softmax_cross_entropy, sigmoid_binary_cross_entropy
+from jaxprop.grad import value_and_grad, grad
+from jaxprop.check import check_gradients, check_layer, GradientReport
+from jaxprop.bridge import as_custom_vjp
+from jaxprop import initializers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Layer", "Loss", "call_forward", "init_state", "output_shape",
+    "dense", "elementwise", "identity", "sigmoid", "tanh", "relu", "leaky_relu", "elu", "softplus",
+    "gelu", "silu", "softmax", "log_softmax", "flatten", "reshape", "dropout",
+    "serial", "residual",
+    "mse", "softmax_cross_entropy", "sigmoid_binary_cross_entropy",
+    "value_and_grad", "grad", "check_gradients", "check_layer", "GradientReport", "as_custom_vjp",
+    "initializers",
+]

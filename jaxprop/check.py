@@ -1,0 +1,228 @@
+"""Verification: hand-written gradients against ``jax.grad`` and finite differences.
+
+This module (with the custom_vjp bridge) is the only place where jaxprop
+calls autodiff; it is the reference, never the gradient path.
+
+* Primary reference: ``jax.grad`` / ``jax.vjp`` of the same forward, in the
+  input's dtype (exact up to rounding).
+* Secondary: central finite differences in float64 along one random
+  direction per parameter (``(J(p + h v) - J(p - h v)) / 2h`` against
+  ``<grad, v>``). It catches a wrong *forward* too, which autodiff would copy.
+
+Relative error of a leaf: ``max|hand - ref| / max(max|ref|, 1e-3 * global max|ref|)``.
+Tolerances depend on dtype (``TOLERANCES``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprop.core import Layer, Loss, call_forward
+
+TOLERANCES = {"float64": 1e-9, "float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
+FD_TOLERANCE = 1e-6   # float64 central differences; max(FD_TOLERANCE, tol) for lower precision
+
+
+def tolerance(dtype) -> float:
+    return TOLERANCES.get(jnp.dtype(dtype).name, 1e-4)
+
+
+@dataclasses.dataclass
+class GradientRow:
+    name: str
+    shape: tuple
+    max_abs_err: float
+    rel_err: float
+    tol: float
+    ratio: float            # <hand, ref> / <ref, ref>: 1 when right, -1 wrong sign, 2 extra factor
+    fd_rel_err: Optional[float] = None
+    fd_tol: float = FD_TOLERANCE
+
+    @property
+    def ok(self) -> bool:
+        fd_ok = self.fd_rel_err is None or self.fd_rel_err <= self.fd_tol
+        return bool(self.rel_err <= self.tol and fd_ok)
+
+
+@dataclasses.dataclass
+class GradientReport:
+    """Per-parameter comparison. ``ok`` is the verdict; ``print(report)`` the table."""
+
+    title: str
+    dtype: str
+    rows: list
+    value_rel_err: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.rows)
+
+    @property
+    def worst_rel_err(self) -> float:
+        return max((r.rel_err for r in self.rows), default=0.0)
+
+    def __bool__(self):
+        return self.ok
+
+    def explain(self) -> str:
+        lines = []
+        for r in self.rows:
+            if r.ok:
+                continue
+            msg = f"{r.name}: "
+            if r.rel_err > r.tol:
+                msg += (f"hand-written gradient differs from jax.grad (rel err {r.rel_err:.2e} > {r.tol:.0e}); "
+                        f"<hand,ref>/<ref,ref> = {r.ratio:.4g}")
+                if abs(r.ratio + 1) < 1e-2:
+                    msg += " -> looks like a wrong sign"
+                elif abs(r.ratio - round(r.ratio)) < 1e-2 and round(r.ratio) not in (0, 1):
+                    msg += f" -> looks like an extra factor {round(r.ratio)}"
+                elif r.ratio != 0 and abs(1 / r.ratio - round(1 / r.ratio)) < 1e-2 and round(1 / r.ratio) > 1:
+                    msg += f" -> looks like a missing factor {round(1 / r.ratio)}"
+                msg += ". "
+            if r.fd_rel_err is not None and r.fd_rel_err > r.fd_tol:
+                msg += (f"finite differences disagree with the hand gradient (rel err {r.fd_rel_err:.2e}): "
+                        "if jax.grad agrees with the hand gradient, the forward pass itself is suspect "
+                        "(or the point sits on a kink, e.g. ReLU at 0).")
+            lines.append(msg)
+        return "\n".join(lines) if lines else "all gradients agree"
+
+    def __str__(self):
+        head = f"{self.title}  [{self.dtype}]  -> {'OK' if self.ok else 'FAILED'}"
+        cols = f"{'parameter':<40} {'shape':<16} {'max abs err':>12} {'rel err':>10} {'tol':>7} {'fd rel err':>11}"
+        out = [head, cols, "-" * len(cols)]
+        for r in self.rows:
+            fd = "-" if r.fd_rel_err is None else f"{r.fd_rel_err:.2e}"
+            out.append(f"{r.name:<40} {str(r.shape):<16} {r.max_abs_err:>12.3e} {r.rel_err:>10.2e} "
+                       f"{r.tol:>7.0e} {fd:>11}{'' if r.ok else '  <-- FAIL'}")
+        if not self.ok:
+            out.append(self.explain())
+        return "\n".join(out)
+
+
+def _is_float(a) -> bool:
+    return jnp.issubdtype(jnp.result_type(a), jnp.floating)
+
+
+def _to64(tree):
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64) if _is_float(a) else a, tree)
+
+
+def _compare(title, objective, hand, params, x, *, fd, seed, rtol=None):
+    """Compare ``hand = (grads, dx)`` with jax.grad of ``objective(params, x)``."""
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(params)) if jax.tree_util.tree_leaves(params) \
+        else jnp.result_type(x)
+    tol = rtol if rtol is not None else tolerance(dtype)
+    x_is_float = _is_float(x)
+    argnums = (0, 1) if x_is_float else (0,)
+    ref = jax.grad(objective, argnums=argnums)(params, x)
+    hand_tree = {"params": hand[0], "input": hand[1]} if x_is_float else {"params": hand[0]}
+    ref_tree = {"params": ref[0], "input": ref[1]} if x_is_float else {"params": ref[0]}
+    h_leaves = jax.tree_util.tree_flatten_with_path(hand_tree)[0]
+    r_leaves, r_def = jax.tree_util.tree_flatten_with_path(ref_tree)
+    if len(h_leaves) != len(r_leaves) or [p for p, _ in h_leaves] != [p for p, _ in r_leaves]:
+        raise ValueError(f"{title}: hand-written grads have structure "
+                         f"{jax.tree_util.tree_structure(hand_tree)}, expected {r_def}")
+    global_max = max((float(jnp.max(jnp.abs(r))) for _, r in r_leaves if r.size), default=0.0)
+    fd_errs = _finite_differences(objective, hand_tree, params, x, x_is_float, seed) if fd else None
+    rows = []
+    for i, ((path, h), (_, r)) in enumerate(zip(h_leaves, r_leaves)):
+        if h.shape != r.shape:
+            raise ValueError(f"{title}: gradient {jax.tree_util.keystr(path)} has shape {h.shape}, "
+                             f"expected {r.shape}")
+        h64, r64 = np.asarray(h, np.float64), np.asarray(r, np.float64)
+        err = float(np.max(np.abs(h64 - r64))) if h.size else 0.0
+        denom = max(float(np.max(np.abs(r64))) if r.size else 0.0, 1e-3 * global_max, 1e-300)
+        rr = float(np.vdot(r64, r64))
+        ratio = float(np.vdot(h64, r64)) / rr if rr > 0 else 1.0
+        rows.append(GradientRow(jax.tree_util.keystr(path), tuple(h.shape), err, err / denom, tol, ratio,
+                                None if fd_errs is None else fd_errs[i], max(FD_TOLERANCE, tol)))
+    return GradientReport(title, jnp.dtype(dtype).name, rows)
+
+
+def _finite_differences(objective, hand_tree, params, x, x_is_float, seed):
+    """Float64 central differences along one random direction per leaf."""
+    with jax.enable_x64(True):
+        p64, x64 = _to64(params), _to64(x)
+        tree64 = {"params": p64, "input": x64} if x_is_float else {"params": p64}
+        leaves, treedef = jax.tree_util.tree_flatten(tree64)
+        hand_leaves = jax.tree_util.tree_leaves(hand_tree)
+
+        def obj(ls):
+            t = jax.tree_util.tree_unflatten(treedef, ls)
+            return objective(t["params"], t["input"] if x_is_float else x64)
+
+        rng = np.random.default_rng(seed)
+        errs = []
+        for i, leaf in enumerate(leaves):
+            if leaf.size == 0:
+                errs.append(0.0)
+                continue
+            v = rng.standard_normal(leaf.shape)
+            h = 1e-6 * max(1.0, float(jnp.max(jnp.abs(leaf))))
+            plus = list(leaves); plus[i] = leaf + h * v
+            minus = list(leaves); minus[i] = leaf - h * v
+            fd = (float(obj(plus)) - float(obj(minus))) / (2 * h)
+            an = float(np.vdot(np.asarray(hand_leaves[i], np.float64), v))
+            # typical size of <g, v> for v ~ N(0, I) is ||g||: guards against cancellation
+            scale = max(abs(fd), abs(an), float(np.linalg.norm(np.asarray(hand_leaves[i], np.float64))), 1e-300)
+            errs.append(abs(fd - an) / scale)
+        return errs
+
+
+def check_gradients(net: Layer, loss: Loss, params, x, y, *, key=None, state=None, train=True,
+                    fd: bool = True, rtol: Optional[float] = None, jit: bool = False,
+                    seed: int = 0) -> GradientReport:
+    """Compare ``jp.value_and_grad(net, loss)`` with ``jax.grad`` and finite differences.
+
+    Returns a :class:`GradientReport`: a row per parameter leaf (and one for
+    the input ``x`` when it is floating point), ``report.ok`` the verdict.
+    ``fd=False`` skips finite differences (they cost two forward passes per
+    leaf, in float64). ``jit=True`` runs the hand-written path under jit.
+    """
+    ctx = dict(key=key, train=train, state=state)
+
+    def hand_fn(p, xx):
+        pred, cache = call_forward(net, p, xx, **ctx)
+        value, lcache = loss.forward(pred, y)
+        grads, dx = net.backward(cache, loss.backward(lcache, jnp.ones((), value.dtype)))
+        return grads, dx
+
+    def objective(p, xx):
+        yy = _to64(y) if _is_float(xx) and jnp.result_type(xx) == jnp.float64 else y
+        pred, _ = call_forward(net, p, xx, **ctx)
+        return loss.forward(pred, yy.astype(pred.dtype) if _is_float(yy) else yy)[0]
+
+    hand = (jax.jit(hand_fn) if jit else hand_fn)(params, x)
+    return _compare(f"check_gradients: {net.name} + {loss.name}", objective, hand, params, x,
+                    fd=fd, seed=seed, rtol=rtol)
+
+
+def check_layer(layer: Layer, params, x, *, dy=None, key=None, state=None, train=True,
+                fd: bool = True, rtol: Optional[float] = None, jit: bool = False,
+                seed: int = 0) -> GradientReport:
+    """Compare ``layer.backward(cache, dy)`` with ``jax.vjp`` of ``layer.forward``.
+
+    ``dy`` defaults to a random normal cotangent (never all ones: a uniform
+    cotangent hides bugs, e.g. in batch norm). The scalar checked is
+    ``<dy, forward(params, x)>``, whose gradient is exactly the VJP.
+    """
+    ctx = dict(key=key, train=train, state=state)
+    y, _ = call_forward(layer, params, x, **ctx)
+    if dy is None:
+        dy = jax.random.normal(jax.random.key(seed + 1), y.shape, y.dtype)
+
+    def hand_fn(p, xx, d):
+        _, cache = call_forward(layer, p, xx, **ctx)
+        return layer.backward(cache, d)
+
+    def objective(p, xx):
+        out, _ = call_forward(layer, p, xx, **ctx)
+        return jnp.vdot(jnp.asarray(dy, out.dtype), out)
+
+    hand = (jax.jit(hand_fn) if jit else hand_fn)(params, x, dy)
+    return _compare(f"check_layer: {layer.name}", objective, hand, params, x, fd=fd, seed=seed, rtol=rtol)

@@ -1,0 +1,1 @@
+"""Layers: one concept per file, each with its derivation in the docstring."""

@@ -1,0 +1,74 @@
+"""Fully connected (affine) layer."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jaxprop import initializers
+from jaxprop.core import Layer, check_float, check_input, check_same_shape, default_float
+
+
+def dense(features: int, *, bias: bool = True, w_init="glorot", dtype=None) -> Layer:
+    r"""Affine map ``y = x W + b``.
+
+    Shapes: x (N, ..., I), W (I, O), b (O,), y (N, ..., O). Leading axes are
+    flattened into M rows for the derivation: X (M, I), dY (M, O).
+
+    Forward::
+
+        Y = X W + 1 b^T            Y_mj = sum_i X_mi W_ij + b_j
+
+    Backward (each from dJ/dY_mj and the forward line above)::
+
+        dX = dY W^T                (M, O) @ (O, I) -> (M, I)    dX_mi = sum_j dY_mj W_ij
+        dW = X^T dY                (I, M) @ (M, O) -> (I, O)    dW_ij = sum_m X_mi dY_mj
+        db = dY^T 1 = sum_m dY_m   (O,)                         db_j  = sum_m dY_mj
+
+    ``dW`` sums over the batch because every row of X shares the one W (fan-out
+    of W to M rows: the chain rule sums over paths).
+
+    Args:
+      features: O, the number of outputs.
+      bias: whether to add ``b``; without it params are ``{"w"}`` only.
+      w_init: ``"glorot"`` (default), ``"he"``, ``"lecun"`` or a function
+        ``(key, shape, dtype, fan_in, fan_out)``; ``b`` starts at zero.
+      dtype: parameter dtype (default: float64 under x64, else float32). The
+        input must have the same dtype.
+
+    Params: ``{"w": (I, O), "b": (O,)}``.
+    """
+    name = f"dense({features})"
+    init_w = initializers.get(w_init)
+    if not isinstance(features, int) or features < 1:
+        raise ValueError(f"dense: features must be a positive int, got {features!r}")
+
+    def init(key, in_shape):
+        if len(in_shape) < 2:
+            raise ValueError(f"{name}: in_shape must include the batch axis, (N, ..., I); got {tuple(in_shape)}")
+        dt = dtype or default_float()
+        n_in = in_shape[-1]
+        params = {"w": init_w(key, (n_in, features), dt, n_in, features)}
+        if bias:
+            params["b"] = jnp.zeros((features,), dt)
+        return tuple(in_shape[:-1]) + (features,), params
+
+    def forward(params, x):
+        w = params["w"]
+        check_float(name, x)
+        check_input(name, x, min_ndim=2, last=w.shape[0], dtype=w.dtype)
+        y = x @ w
+        if bias:
+            y = y + params["b"].reshape((1,) * (y.ndim - 1) + (features,))  # b[None, :]
+        return y, {"x": x, "w": w}
+
+    def backward(cache, dy):
+        x, w = cache["x"], cache["w"]
+        check_same_shape(name, x.shape[:-1] + (w.shape[1],), dy)
+        x2 = x.reshape(-1, w.shape[0])          # (M, I)
+        dy2 = dy.reshape(-1, w.shape[1])        # (M, O)
+        grads = {"w": x2.T @ dy2}               # forward was: y = x @ w
+        if bias:
+            grads["b"] = dy2.sum(axis=0)        # forward was: y = ... + b[None, :]
+        dx = dy @ w.T                           # (..., O) @ (O, I)
+        return grads, dx
+
+    return Layer(init, forward, backward, name=name)
