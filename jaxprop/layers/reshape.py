@@ -12,7 +12,7 @@ def reshape(shape) -> Layer:
     ``shape`` excludes the batch axis and may contain one -1.
     """
     target = tuple(shape)
-    name = f"reshape{target}"
+    name = f"reshape({target})"
 
     def out_of(in_shape):
         size = math.prod(in_shape[1:])
