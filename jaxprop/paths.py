@@ -200,9 +200,8 @@ class Path(NamedTuple):
 
 
 def _name(sym, k, idx, dims):
-    """``X1[2]``, or ``X1`` when the array has one element per example."""
-    shown = [i for i, d in zip(idx, dims) if d > 1]
-    return f"{sym}{k}" + (f"[{','.join(map(str, shown))}]" if shown else "")
+    """``W1[2,0]``, or ``W1`` when the array has one element (per example)."""
+    return f"{sym}{k}" + (f"[{','.join(map(str, idx))}]" if any(d > 1 for d in dims) else "")
 
 
 def influence_paths(model: MLP, params, x, y, layer: int, i: int, j: int, *, example: int = 0,
