@@ -274,6 +274,21 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
+def constrain_batch(batch: PyTree, mesh: Optional[Mesh]) -> PyTree:
+    """Inside a jitted function: declare that ``batch`` is split by rows over
+    ``"data"`` (``jax.lax.with_sharding_constraint``); unchanged when ``mesh``
+    is None.
+
+    For a training loop that keeps the (replicated) data set on the devices
+    and gathers each batch inside the step: with the constraint on the
+    gathered batch, the partitioner has every device gather only its own
+    N/D rows -- no device ever holds the whole batch.
+    """
+    if mesh is None:
+        return batch
+    return jax.lax.with_sharding_constraint(batch, data_sharding(mesh))
+
+
 def to_host(tree: PyTree) -> PyTree:
     """NumPy copies of every leaf, also of global arrays spanning several processes
     (replicated ones are read locally; split ones are gathered)."""
