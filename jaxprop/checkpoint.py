@@ -1,0 +1,167 @@
+"""Atomic checkpoints: pytrees of arrays and a JSON header in one ``.npz`` file.
+
+Format: ``DIR/ckpt-<step:09d>.npz``, a NumPy zip archive (no pickle) holding
+every array leaf as ``<group>/<index>`` (flatten order of the pytree) and
+``__meta__``: UTF-8 JSON bytes with the step, the caller's metadata and, per
+group, each leaf's path, shape and dtype. Restoring needs a *template* with
+the same pytree structure (e.g. freshly initialised params and optimizer
+state); shapes and dtypes are checked against it.
+
+Atomicity: ``save`` writes to a temp file in the same folder, flushes,
+``fsync``\\ s, then ``os.replace``\\ s it to its final name (atomic on POSIX and
+Windows) and ``fsync``\\ s the folder. A process killed at any moment leaves
+either the new checkpoint complete or no file under the final name -- plus,
+at worst, a stray ``.tmp-*`` file that :func:`latest` ignores and the next
+``save`` removes. Older checkpoints are pruned only after the new one is in
+place, so the latest complete checkpoint is never lost.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import numpy as np
+
+_NAME = re.compile(r"^ckpt-(\d{9})\.npz$")
+_META = "__meta__"
+
+
+def path_for(directory: str, step: int) -> str:
+    return os.path.join(directory, f"ckpt-{int(step):09d}.npz")
+
+
+def list_steps(directory: str) -> list:
+    """Steps of the complete checkpoints in ``directory``, ascending."""
+    if not os.path.isdir(directory):
+        return []
+    steps = []
+    for name in os.listdir(directory):
+        m = _NAME.match(name)
+        if m:
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def _fsync_dir(directory: str):
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:                    # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save(directory: str, step: int, trees: Dict[str, Any], meta: Optional[dict] = None,
+         keep: int = 2) -> str:
+    """Write ``trees`` (name -> pytree of arrays) and ``meta`` (JSON-able) atomically.
+
+    Returns the checkpoint's path. Keeps the newest ``keep`` checkpoints
+    (``keep <= 0``: all).
+    """
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):          # leftovers of a killed save
+        if name.startswith(".tmp-ckpt-"):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError:
+                pass
+    arrays, layout = {}, {}
+    for group, tree in trees.items():
+        if "/" in group or group == _META:
+            raise ValueError(f"checkpoint.save: invalid group name {group!r}")
+        leaves_with_paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+        entries = []
+        for i, (path, leaf) in enumerate(leaves_with_paths):
+            a = np.asarray(leaf)
+            if a.dtype == object:
+                raise ValueError(f"checkpoint.save: leaf {group}{jax.tree_util.keystr(path)} is not an array")
+            arrays[f"{group}/{i}"] = a
+            entries.append([jax.tree_util.keystr(path), list(a.shape), a.dtype.name])
+        layout[group] = entries
+    header = {"format": "jaxprop-checkpoint-1", "step": int(step), "meta": meta or {}, "layout": layout}
+    arrays[_META] = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
+
+    final = path_for(directory, step)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-ckpt-", suffix=".npz", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+    if keep > 0:
+        for old in list_steps(directory)[:-keep]:
+            if old != step:
+                try:
+                    os.unlink(path_for(directory, old))
+                except OSError:
+                    pass
+    return final
+
+
+def read(path: str) -> Tuple[dict, Dict[str, list]]:
+    """The header and the raw leaves (``group -> [np.ndarray]``) of one checkpoint."""
+    with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
+        header = json.loads(bytes(f[_META]).decode("utf-8"))
+        groups = {}
+        for group, entries in header["layout"].items():
+            groups[group] = [f[f"{group}/{i}"] for i in range(len(entries))]
+    return header, groups
+
+
+def restore(path: str, templates: Dict[str, Any]) -> Tuple[Dict[str, Any], dict]:
+    """Load ``path`` into the structures of ``templates`` (name -> pytree).
+
+    Returns ``(trees, header)``; ``header["meta"]`` is what ``save`` got.
+    Raises ValueError when the checkpoint's layout (leaf count, shapes,
+    dtypes) differs from a template.
+    """
+    header, groups = read(path)
+    out = {}
+    for group, template in templates.items():
+        if group not in groups:
+            raise ValueError(f"checkpoint {path}: has no '{group}' (has {sorted(groups)})")
+        leaves, treedef = jax.tree_util.tree_flatten(template)
+        got = groups[group]
+        if len(got) != len(leaves):
+            raise ValueError(f"checkpoint {path}: '{group}' has {len(got)} arrays, the model expects "
+                             f"{len(leaves)} (a different model or optimizer?)")
+        for (pth, _, _), a, t in zip(header["layout"][group], got, leaves):
+            t_shape = np.shape(t)
+            t_dtype = np.dtype(t.dtype) if hasattr(t, "dtype") else np.asarray(t).dtype
+            if a.shape != t_shape or a.dtype != t_dtype:
+                raise ValueError(f"checkpoint {path}: {group}{pth} is {a.dtype}{list(a.shape)}, "
+                                 f"expected {t_dtype}{list(t_shape)}")
+        out[group] = jax.tree_util.tree_unflatten(treedef, got)
+    return out, header
+
+
+def latest(directory: str) -> Optional[str]:
+    """Path of the newest readable checkpoint in ``directory``, or None.
+
+    A checkpoint that fails to read (it should not happen: files appear
+    only complete) is skipped in favour of the one before it.
+    """
+    for step in reversed(list_steps(directory)):
+        path = path_for(directory, step)
+        try:
+            read(path)
+        except Exception:              # noqa: BLE001 - any unreadable file is skipped
+            continue
+        return path
+    return None
