@@ -1,7 +1,7 @@
 r"""Many devices and hosts through JAX's own SPMD machinery: meshes, shardings, ``jit``.
 
-jaxprop adds no communication of its own. The training step is the one
-``jit``-compiled function of :func:`jaxprop.train.make_train_step`; this
+jaxprop adds no communication of its own. The training step is the step of
+:func:`jaxprop.train.make_train_step`, compiled by one ``jax.jit``; this
 module only tells ``jax.jit`` where every input and output lives
 (``in_shardings`` / ``out_shardings``) and XLA's SPMD partitioner does the
 rest::
@@ -387,17 +387,17 @@ def data_parallel_step(grad_fn: Callable, tx: optax.GradientTransformation, mesh
                          "norm) or randomness (dropout) and no tensor parallelism; use the default "
                          "method='partitioner', which keeps the global-batch semantics")
 
-    def step(params, opt_state, x, y, key, state):
-        kwargs = {}
-        if stochastic:
-            kwargs["key"] = key
-        if stateful:
-            kwargs["state"] = state
-        value, grads = grad_fn(params, x, y, **kwargs)
-        if method == "psum":                # local means over N/D rows -> the global mean
-            value, grads = jax.lax.pmean((value, grads), DATA)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
+    if method == "psum":                    # local means over N/D rows -> the global mean
+        local_grad_fn = grad_fn
+
+        def grad_fn(*args, **kwargs):
+            return jax.lax.pmean(local_grad_fn(*args, **kwargs), DATA)
+
+    from jaxprop.train import make_train_step      # the one training step of jaxprop
+    train_step = make_train_step(grad_fn, tx, stateful=stateful, stochastic=stochastic, jit=False)
+
+    def step(params, opt_state, x, y, key, state):  # positional: jit with shardings takes no kwargs
+        return train_step(params, opt_state, x, y, key=key, state=state)
 
     if method == "psum":
         body = _shard_map(step, mesh, in_specs=(P(), P(), P(DATA), P(DATA), P(), P()),
