@@ -40,6 +40,7 @@ import numpy as np
 import optax
 
 from jaxprop import checkpoint as ckpt
+from jaxprop import distributed as dist
 from jaxprop import losses as losses_mod
 from jaxprop.core import Layer, Loss, call_forward, init_state
 from jaxprop.data import Dataset
@@ -368,7 +369,7 @@ def _permutation(k_data, epoch, n):
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(net, loss, tx, grad, batch_size):
+def _compiled(net, loss, tx, grad, batch_size, mesh=None):
     """The jitted training step of :func:`fit` (gather the batch, gradient,
     update, accumulate the loss) and its eval function, cached so repeated
     runs of one configuration (seeds, hand vs autodiff) compile once."""
@@ -377,6 +378,7 @@ def _compiled(net, loss, tx, grad, batch_size):
     def fused(params, opt_state, state, loss_acc, x_all, t_all, perm, b, s, k_drop):
         idx = jax.lax.dynamic_slice_in_dim(perm, b * batch_size, batch_size)
         x, t = jnp.take(x_all, idx, axis=0), jnp.take(t_all, idx, axis=0)
+        x, t = dist.constrain_batch((x, t), mesh)      # rows split over "data" (no-op without mesh)
         kwargs = {}
         if net.stochastic:
             kwargs["key"] = jax.random.fold_in(k_drop, s)
@@ -395,7 +397,7 @@ def fit(net: Layer, loss: Union[str, Loss, None], tx: optax.GradientTransformati
         eval_batch_size: int = 1000, checkpoint_dir: Optional[str] = None, checkpoint_every: int = 0,
         keep_checkpoints: int = 2, resume: bool = False, metrics_path: Optional[str] = None,
         early_stopping: Union[int, EarlyStopping, None] = None, dtype="float32",
-        progress: bool = True, progress_file=None, desc: str = "train") -> FitResult:
+        progress: bool = True, progress_file=None, desc: str = "train", mesh=None) -> FitResult:
     """Train ``net`` on ``data`` with the optimizer ``tx``.
 
     Args:
@@ -420,6 +422,9 @@ def fit(net: Layer, loss: Union[str, Loss, None], tx: optax.GradientTransformati
       dtype: ``"float32"`` (default) or ``"float64"`` (needs jax_enable_x64);
         params, inputs and float targets are cast to it.
       progress: show a progress bar (tqdm, else one line per evaluation).
+      mesh: data parallelism (:mod:`jaxprop.distributed`): params, optimizer
+        state and data set replicated on the mesh, each batch split over its
+        ``"data"`` axis; ``batch_size`` must divide by that axis' size.
 
     Returns a :class:`FitResult`. On a finished run, ``resume=True`` returns
     the saved state and writes nothing.
@@ -436,6 +441,8 @@ def fit(net: Layer, loss: Union[str, Loss, None], tx: optax.GradientTransformati
     if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
         raise ValueError(f"fit: batch_size must be an int in [1, {n}] (the training set size), got {batch_size!r}")
     spe = n // batch_size
+    if mesh is not None:
+        dist.check_batch(batch_size, mesh)
     if (steps is None) == (epochs is None):
         raise ValueError("fit: give exactly one of steps= and epochs=")
     total = int(steps) if steps is not None else int(epochs) * spe
@@ -497,6 +504,10 @@ def fit(net: Layer, loss: Union[str, Loss, None], tx: optax.GradientTransformati
         resumed_from = step
         params, opt_state, model_state = jax.tree_util.tree_map(jnp.asarray, (params, opt_state, model_state))
 
+    if mesh is not None:                # replicated on every device of the mesh
+        (params, opt_state, model_state, loss_acc, x_tr, t_tr, x_ev, t_ev, lab_tr, lab_ev) = dist.replicate(
+            (params, opt_state, model_state, loss_acc, x_tr, t_tr, x_ev, t_ev, lab_tr, lab_ev), mesh)
+
     rows = []
     if metrics_path:
         os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
@@ -516,7 +527,7 @@ def fit(net: Layer, loss: Union[str, Loss, None], tx: optax.GradientTransformati
                          elapsed_before, step / elapsed_before if elapsed_before else float("nan"),
                          params_fingerprint(params), resumed_from, _best(es))
 
-    fused, eval_fn = _cached(_compiled, net, spec.loss, tx, grad, batch_size)
+    fused, eval_fn = _cached(_compiled, net, spec.loss, tx, grad, batch_size, mesh)
 
     mfile = open(metrics_path, "a", encoding="utf-8") if metrics_path else None
     bar = _progress(total, step, progress_file or sys.stderr, desc) if progress else None

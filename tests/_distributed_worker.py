@@ -222,8 +222,33 @@ def emulated(out_path: str):
         "param_specs": [str(a.sharding.spec) for a in jax.tree_util.tree_leaves(t_out)],
         "opt_specs": [str(a.sharding.spec) for a in jax.tree_util.tree_leaves(o)]}
 
+    # train.fit, the runner's loop, with mesh= (batches gathered in the step, constrained to "data")
+    from jaxprop import train
+    xf, yf = data(seed=5, n=96)
+    ds = {"name": "synthetic", "x_train": xf, "y_train": yf, "x_test": xf[:40], "y_test": yf[:40],
+          "n_classes": N_CLASSES}
+    fits = {}
+    for d in (None, 8):
+        fits[d] = train.fit(net, "softmax_cross_entropy", tx, ds, steps=12, batch_size=32, seed=0,
+                            eval_every=6, dtype="float64", progress=False,
+                            mesh=None if d is None else dist.make_mesh(d))
+    res["fit_8"] = {
+        "param_diff": max_diff(fits[8].params, fits[None].params),
+        "history_diff": max(abs(a[k] - b[k]) for a, b in zip(fits[8].history, fits[None].history)
+                            for k in ("train_loss", "test_loss", "train_accuracy")),
+        "rows": len(fits[8].history),
+        "param_spec": str(jax.tree_util.tree_leaves(fits[8].params)[0].sharding.spec),
+        "param_devices": len(jax.tree_util.tree_leaves(fits[8].params)[0].sharding.device_set),
+        "loss_first_last": [fits[8].history[0]["train_loss"], fits[8].history[-1]["train_loss"]]}
+
     # errors
     errors = {}
+    errors["fit_batch_30"] = None
+    try:
+        train.fit(net, "softmax_cross_entropy", tx, ds, steps=1, batch_size=30, progress=False,
+                  mesh=dist.make_mesh(8))
+    except ValueError as e:
+        errors["fit_batch_30"] = str(e)
     mesh = dist.make_mesh(8)
     for name, fn in {"check_batch_30": lambda: dist.check_batch(30, mesh),
                      "shard_batch_30": lambda: dist.shard_batch((x[:30], y[:30]), mesh),

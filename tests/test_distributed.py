@@ -239,3 +239,17 @@ def test_two_processes_on_localhost_match_single_process(tmp_path):
     assert len(saved) == len(ref_leaves)
     assert max(float(np.max(np.abs(a - b))) for a, b in zip(saved, ref_leaves)) < TOL
     assert ref_losses[-1] < ref_losses[0]
+
+
+# --------------------------------------------------------------------------- train.fit with mesh=
+
+def test_fit_on_eight_devices_matches_one_device(emulated):
+    r = emulated["fit_8"]
+    assert r["param_spec"] == "P()" and r["param_devices"] == 8
+    assert r["param_diff"] < TOL and r["history_diff"] < TOL, r
+    assert r["rows"] == 3 and r["loss_first_last"][1] < r["loss_first_last"][0]
+
+
+def test_fit_refuses_indivisible_batch(emulated):
+    e = emulated["errors"]["fit_batch_30"]
+    assert e and "30" in e and "8 devices" in e, e
