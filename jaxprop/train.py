@@ -397,7 +397,8 @@ def fit(net: Layer, loss: Union[str, Loss, None], tx: optax.GradientTransformati
         eval_batch_size: int = 1000, checkpoint_dir: Optional[str] = None, checkpoint_every: int = 0,
         keep_checkpoints: int = 2, resume: bool = False, metrics_path: Optional[str] = None,
         early_stopping: Union[int, EarlyStopping, None] = None, dtype="float32",
-        progress: bool = True, progress_file=None, desc: str = "train", mesh=None) -> FitResult:
+        progress: bool = True, progress_file=None, desc: str = "train", mesh=None,
+        callback: Optional[Callable[[dict, Any], None]] = None) -> FitResult:
     """Train ``net`` on ``data`` with the optimizer ``tx``.
 
     Args:
@@ -422,6 +423,8 @@ def fit(net: Layer, loss: Union[str, Loss, None], tx: optax.GradientTransformati
       dtype: ``"float32"`` (default) or ``"float64"`` (needs jax_enable_x64);
         params, inputs and float targets are cast to it.
       progress: show a progress bar (tqdm, else one line per evaluation).
+      callback: ``callback(row, params)`` after each evaluation (e.g. to keep
+        parameter snapshots: copy them, the next step donates their buffers).
       mesh: data parallelism (:mod:`jaxprop.distributed`): params, optimizer
         state and data set replicated on the mesh, each batch split over its
         ``"data"`` axis; ``batch_size`` must divide by that axis' size.
@@ -561,6 +564,8 @@ def fit(net: Layer, loss: Union[str, Loss, None], tx: optax.GradientTransformati
             if row["steps_per_s"]:
                 post["steps/s"] = f"{row['steps_per_s']:.0f}"
             bar.set_postfix(post)
+        if callback is not None:
+            callback(row, params)
         return row
 
     def early_stop_check(row):
