@@ -23,3 +23,5 @@ __all__ = [
     "value_and_grad", "grad", "check_gradients", "check_layer", "GradientReport", "as_custom_vjp",
     "initializers",
 ]
+from jaxprop import checkpoint, data, models, train    # training: jp.train.fit, jp.data.load, jp.models.build_model
+__all__ += ["checkpoint", "data", "models", "train"]
