@@ -8,7 +8,8 @@ default ``runs/train/<dataset>-<model>-<grad>-seed<seed>-<time>``)::
     config.json            every option, resolved (and the versions used)
     metrics.jsonl          one row per evaluation, appended as produced
     summary.json           final/best accuracy, losses, wall time, steps/s, device,
-                           params_fingerprint (SHA-256 of the final parameters' bytes)
+                           params_fingerprint (SHA-256 of the final parameters' bytes),
+                           devices, processes, mesh, global_batch_size, per_device_batch_size
     learning_curves.png    loss and accuracy, train and test
     checkpoints/           ckpt-<step>.npz: params, optimizer state, PRNG key, step
 
@@ -16,6 +17,11 @@ default ``runs/train/<dataset>-<model>-<grad>-seed<seed>-<time>``)::
 scratch if none was written yet) with DIR's config.json, and ends with the
 same parameters as an uninterrupted run; on a finished run it changes
 nothing. A new run into a non-empty folder is refused.
+
+With several devices the batch is split over them (``--devices N``, default:
+all of them; see docs/scaling.md); several processes or hosts join with
+``--coordinator-address HOST:PORT --num-processes N --process-id I``, and
+only process 0 writes the run folder.
 """
 from __future__ import annotations
 
@@ -51,6 +57,9 @@ GENERIC_DEFAULTS = dict(model="mlp:100-100:relu", optimizer="adam", lr=1e-2, bat
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear", "exponential")
 # options that do not change the computation: free to differ on --resume
 _RUNTIME_ONLY = {"resume", "out", "progress"}
+# where the run executes (jaxprop.distributed): taken from the command line, also on --resume
+_SCALE_OPTIONS = ("devices", "coordinator_address", "num_processes", "process_id")
+_RUNTIME_ONLY |= set(_SCALE_OPTIONS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
       help="stop after PATIENCE evaluations without improvement (use with --val-fraction)")
     a("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    s = p.add_argument_group("scaling out (docs/scaling.md)")
+    s.add_argument("--devices", type=int, default=None,
+                   help="data parallelism over the first N devices: the batch is split over them, params "
+                        "replicated (default: every device JAX sees, when there is more than one; 1: off)")
+    s.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                   help="several processes/hosts: process 0's address (jax.distributed.initialize)")
+    s.add_argument("--num-processes", type=int, default=None, help="several processes: how many")
+    s.add_argument("--process-id", type=int, default=None, help="several processes: this one's id, 0..n-1")
     return p
 
 
@@ -303,6 +320,36 @@ def _paths(out):
             "checkpoints": os.path.join(out, "checkpoints")}
 
 
+def _init_processes(args) -> bool:
+    """Join a multi-process run when ``--num-processes`` > 1 or ``--coordinator-address``
+    is given (``jax.distributed.initialize``); returns True in the process that writes."""
+    if not (args.coordinator_address or (args.num_processes or 1) > 1):
+        return True
+    if args.resume:
+        raise UsageError("--resume is not supported for multi-process runs yet; start a new run")
+    from jaxprop import distributed as dist
+    dist.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    return dist.is_primary()
+
+
+def _mesh(cfg: dict):
+    """The data-parallel mesh for ``--devices`` (None for one device) and the
+    sizes summary.json reports; a ValueError when the batch does not divide."""
+    import jax
+    from jaxprop import distributed as dist
+    n = cfg.get("devices") or jax.device_count()
+    if n < 1 or n > jax.device_count():
+        raise ValueError(f"--devices {n}: JAX sees {jax.device_count()} device(s) "
+                         f"({jax.devices()[0].platform}); on CPU emulate more with "
+                         "XLA_FLAGS=--xla_force_host_platform_device_count=N")
+    if jax.process_count() > 1 and n != jax.device_count():
+        raise ValueError(f"--devices {n}: a run of {jax.process_count()} processes uses all "
+                         f"{jax.device_count()} devices; drop --devices")
+    mesh = dist.make_mesh(n)
+    sizes = dist.batch_sizes(cfg["batch_size"], mesh)       # raises for an indivisible batch
+    return (mesh if n > 1 else None), sizes
+
+
 def run(argv=None) -> dict:
     """Parse ``argv``, train, write the run folder; returns the summary dict
     (``{"already_finished": True, ...}`` when resuming a finished run)."""
@@ -310,6 +357,7 @@ def run(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     explicit = _explicit_options(parser, argv)
+    primary = _init_processes(args)         # jax.distributed.initialize when asked; process 0 writes
 
     if args.resume:
         if not args.out:
@@ -327,12 +375,13 @@ def run(argv=None) -> dict:
                     f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in sorted(clash.items()))
                     + " (drop them to continue the saved run)")
             args = argparse.Namespace(**dict(saved["options"], resume=True, out=args.out,
-                                             progress=args.progress))
+                                             progress=args.progress,
+                                             **{k: getattr(args, k) for k in _SCALE_OPTIONS}))
             if os.path.exists(paths["summary"]):
                 print(f"jaxprop-train: {args.out} is a finished run; nothing to do.", file=sys.stderr)
                 with open(paths["summary"], encoding="utf-8") as f:
                     return dict(json.load(f), already_finished=True)
-    elif args.out and os.path.isdir(args.out) and os.listdir(args.out):
+    elif primary and args.out and os.path.isdir(args.out) and os.listdir(args.out):
         raise UsageError(f"{args.out} is not empty; refusing to overwrite a previous run. "
                          "Use --resume to continue it, or choose another --out.")
 
@@ -347,13 +396,15 @@ def run(argv=None) -> dict:
         ds = ds.validation_split(args.val_fraction, seed=0)
     options = dict(vars(args))
     cfg = resolve_config(args, len(ds.y_train))
+    mesh, scale = _mesh(cfg)                 # before anything is written: a bad batch size is an error
     out = cfg["out"] or default_out(cfg)
     paths = _paths(out)
     spec = train.loss_spec(cfg["loss"], ds)
     net = models.build_model(cfg["model"], spec.n_outputs)
     tx = make_optimizer(cfg)
-    os.makedirs(out, exist_ok=True)
-    if not os.path.exists(paths["config"]):
+    if primary:
+        os.makedirs(out, exist_ok=True)
+    if primary and not os.path.exists(paths["config"]):
         options["out"] = out
         write_json_atomic(paths["config"], {
             "options": {k: v for k, v in options.items() if k not in ("resume",)},
@@ -373,11 +424,14 @@ def run(argv=None) -> dict:
     result = train.fit(
         net, spec.name, tx, ds, grad=cfg["grad"],
         steps=cfg["steps"], batch_size=cfg["batch_size"], seed=cfg["seed"], eval_every=cfg["eval_every"],
-        checkpoint_dir=paths["checkpoints"], checkpoint_every=cfg["checkpoint_every"],
-        keep_checkpoints=cfg["keep_checkpoints"], resume=bool(args.resume), metrics_path=paths["metrics"],
-        early_stopping=cfg["early_stopping"], dtype=cfg["dtype"], progress=cfg["progress"],
-        desc=f"{ds.name} {cfg['grad']}")
-    summary = summarize(result, cfg, ds.test_name)
+        checkpoint_dir=paths["checkpoints"] if primary else None, checkpoint_every=cfg["checkpoint_every"],
+        keep_checkpoints=cfg["keep_checkpoints"], resume=bool(args.resume),
+        metrics_path=paths["metrics"] if primary else None,
+        early_stopping=cfg["early_stopping"], dtype=cfg["dtype"], progress=cfg["progress"] and primary,
+        desc=f"{ds.name} {cfg['grad']}", mesh=mesh)
+    summary = dict(summarize(result, cfg, ds.test_name), **scale)
+    if not primary:                          # every process trained; process 0 writes the results
+        return summary
     curves = plot_learning_curves(result.history, paths["curves"],
                                   f"{ds.name}: {cfg['model']}, {cfg['optimizer']} lr {cfg['lr']}, "
                                   f"grad={cfg['grad']}, seed {cfg['seed']}", ds.test_name)

@@ -139,6 +139,15 @@ def _hlo_facts(text: str) -> dict:
             "global_batch_shapes": sorted(set(re.findall(rf"[a-z0-9]+\[{N}(?:,[0-9]+)*\]", text)))}
 
 
+RUNNER_ARGS = ["--dataset", "spirals", "--steps", "12", "--eval-every", "6", "--dtype", "float64",
+               "--no-progress", "--batch-size", "96"]
+
+
+def _read_rows(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
 def emulated(out_path: str):
     jax = _setup_jax()
     import optax
@@ -146,6 +155,7 @@ def emulated(out_path: str):
     from jaxprop import distributed as dist
 
     res = {"device_count": jax.device_count()}
+    out_dir = os.path.dirname(os.path.abspath(out_path))
     net, loss = net_and_loss()
     params = init_params(net)
     x, y = data()
@@ -222,33 +232,23 @@ def emulated(out_path: str):
         "param_specs": [str(a.sharding.spec) for a in jax.tree_util.tree_leaves(t_out)],
         "opt_specs": [str(a.sharding.spec) for a in jax.tree_util.tree_leaves(o)]}
 
-    # train.fit, the runner's loop, with mesh= (batches gathered in the step, constrained to "data")
-    from jaxprop import train
-    xf, yf = data(seed=5, n=96)
-    ds = {"name": "synthetic", "x_train": xf, "y_train": yf, "x_test": xf[:40], "y_test": yf[:40],
-          "n_classes": N_CLASSES}
-    fits = {}
-    for d in (None, 8):
-        fits[d] = train.fit(net, "softmax_cross_entropy", tx, ds, steps=12, batch_size=32, seed=0,
-                            eval_every=6, dtype="float64", progress=False,
-                            mesh=None if d is None else dist.make_mesh(d))
-    res["fit_8"] = {
-        "param_diff": max_diff(fits[8].params, fits[None].params),
-        "history_diff": max(abs(a[k] - b[k]) for a, b in zip(fits[8].history, fits[None].history)
-                            for k in ("train_loss", "test_loss", "train_accuracy")),
-        "rows": len(fits[8].history),
-        "param_spec": str(jax.tree_util.tree_leaves(fits[8].params)[0].sharding.spec),
-        "param_devices": len(jax.tree_util.tree_leaves(fits[8].params)[0].sharding.device_set),
-        "loss_first_last": [fits[8].history[0]["train_loss"], fits[8].history[-1]["train_loss"]]}
+    # the runner (jaxprop.cli -> train.fit(mesh=...)): default = all 8 devices, vs --devices 1
+    from jaxprop import cli
+    runs = {}
+    for name, extra in (("8", []), ("1", ["--devices", "1"])):
+        runs[name] = cli.run(RUNNER_ARGS + extra + ["--out", os.path.join(out_dir, f"run-{name}")])
+        runs[name]["rows"] = _read_rows(os.path.join(out_dir, f"run-{name}", "metrics.jsonl"))
+    res["runner"] = runs
 
     # errors
     errors = {}
-    errors["fit_batch_30"] = None
+    errors["runner_batch_100"] = None
+    bad_out = os.path.join(out_dir, "run-bad")
     try:
-        train.fit(net, "softmax_cross_entropy", tx, ds, steps=1, batch_size=30, progress=False,
-                  mesh=dist.make_mesh(8))
+        cli.run(RUNNER_ARGS[:-2] + ["--batch-size", "100", "--out", bad_out])
     except ValueError as e:
-        errors["fit_batch_30"] = str(e)
+        errors["runner_batch_100"] = str(e)
+    res["runner_bad_out_exists"] = os.path.exists(bad_out)
     mesh = dist.make_mesh(8)
     for name, fn in {"check_batch_30": lambda: dist.check_batch(30, mesh),
                      "shard_batch_30": lambda: dist.shard_batch((x[:30], y[:30]), mesh),
@@ -292,12 +292,16 @@ def reference_multiprocess():
 
 
 def process(pid: int, nproc: int, port: int, out_dir: str):
+    """One of ``nproc`` processes: first the runner with its multi-process
+    options (it calls jax.distributed.initialize; only process 0 may write
+    its run folder), then a library-level run where each process loads only
+    its rows of every batch and process 0 alone writes the checkpoint."""
     jax = _setup_jax()
+    from jaxprop import cli
     from jaxprop import distributed as dist
-    address = f"127.0.0.1:{port}"
-    dist.initialize(address, nproc, pid, coordinator_bind_address=address,
-                    initialization_timeout=60, heartbeat_timeout_seconds=20,
-                    shutdown_timeout_seconds=20)
+    runner = cli.run(RUNNER_ARGS + ["--out", os.path.join(out_dir, f"run-{pid}"),
+                                    "--coordinator-address", f"127.0.0.1:{port}",
+                                    "--num-processes", str(nproc), "--process-id", str(pid)])
     import optax
     import jaxprop as jp
 
@@ -320,7 +324,8 @@ def process(pid: int, nproc: int, port: int, out_dir: str):
               "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
               "rows": [rows.start, rows.stop], "losses": values,
               "x_global_shape": list(xs.shape), "x_fully_addressable": bool(xs.is_fully_addressable),
-              "batch_sizes": dist.batch_sizes(MP_BATCH, mesh), "primary": dist.is_primary()}
+              "batch_sizes": dist.batch_sizes(MP_BATCH, mesh), "primary": dist.is_primary(),
+              "runner": runner}
     with open(os.path.join(out_dir, f"process-{pid}.json"), "w", encoding="utf-8") as f:
         json.dump(report, f)
     if dist.is_primary():                   # the checkpoint: written once

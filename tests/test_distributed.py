@@ -15,6 +15,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -86,24 +87,60 @@ def test_leaf_spec_rule():
 
 # --------------------------------------------------------------------------- 8 emulated devices
 
-def _run_worker(args, n_devices, timeout):
-    proc = subprocess.Popen([sys.executable, WORKER, *args], env=worker.clean_env(n_devices),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        pytest.fail(f"worker {args[0]} did not finish within {timeout} s; output:\n{out[-4000:]}")
-    assert proc.returncode == 0, f"worker {args[0]} failed ({proc.returncode}):\n{out[-4000:]}"
-    return out
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dist") / "emulated.json"
-    _run_worker(["emulated", str(path)], n_devices=8, timeout=300)
-    with open(path, encoding="utf-8") as f:
+def workers(tmp_path_factory):
+    """Start the 8-device worker and the two processes at once (they overlap on
+    the cores), wait for all with one deadline, kill any that are left."""
+    base = tmp_path_factory.mktemp("dist")
+    mp_dir = base / "two-process"
+    mp_dir.mkdir()
+    port = _free_port()
+    mp_env = dict(worker.clean_env(2), JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}")  # loopback only
+    commands = {"emulated": (["emulated", str(base / "emulated.json")], worker.clean_env(8))}
+    for pid in range(2):
+        commands[f"process-{pid}"] = (["process", str(pid), "2", str(port), str(mp_dir)], mp_env)
+    procs, logs = {}, {}
+    try:
+        for name, (args, env) in commands.items():
+            logs[name] = open(base / f"{name}.log", "w+", encoding="utf-8")
+            procs[name] = subprocess.Popen([sys.executable, WORKER, *args], env=env,
+                                           stdout=logs[name], stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 300
+        for p in procs.values():
+            try:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        for p in procs.values():                         # the workers we started, by handle
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        result = {}
+        for name, f in logs.items():
+            f.seek(0)
+            result[name] = {"returncode": procs[name].returncode if name in procs else None,
+                            "output": f.read()[-4000:]}
+            f.close()
+    result["base"], result["mp_dir"] = base, mp_dir
+    return result
+
+
+def _ok(workers, name):
+    r = workers[name]
+    assert r["returncode"] == 0, f"{name} failed or timed out ({r['returncode']}):\n{r['output']}"
+
+
+@pytest.fixture(scope="module")
+def emulated(workers):
+    _ok(workers, "emulated")
+    with open(workers["base"] / "emulated.json", encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -183,38 +220,10 @@ def test_indivisible_batch_errors_clearly(emulated):
 
 # --------------------------------------------------------------------------- two processes on 127.0.0.1
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _two_processes(out_dir, timeout=150):
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, WORKER, "process", str(pid), "2", str(port), str(out_dir)],
-                              env=worker.clean_env(2), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for pid in range(2)]
-    outs = []
-    try:
-        for p in procs:
-            try:
-                outs.append(p.communicate(timeout=timeout)[0])
-            except subprocess.TimeoutExpired:
-                outs.append(None)
-    finally:
-        for p in procs:                                  # the workers we started, by handle
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    return procs, outs
-
-
-def test_two_processes_on_localhost_match_single_process(tmp_path):
-    procs, outs = _two_processes(tmp_path)
-    for pid, (p, out) in enumerate(zip(procs, outs)):
-        assert out is not None, f"process {pid} timed out"
-        assert p.returncode == 0, f"process {pid} failed ({p.returncode}):\n{out[-4000:]}"
+def test_two_processes_on_localhost_match_single_process(workers, emulated):
+    for pid in range(2):
+        _ok(workers, f"process-{pid}")
+    tmp_path = workers["mp_dir"]
     reports = []
     for pid in range(2):
         with open(tmp_path / f"process-{pid}.json", encoding="utf-8") as f:
@@ -228,7 +237,21 @@ def test_two_processes_on_localhost_match_single_process(tmp_path):
         assert r["batch_sizes"]["per_process_batch_size"] == worker.MP_BATCH // 2
     half = worker.MP_BATCH // 2
     assert [reports[0]["rows"], reports[1]["rows"]] == [[0, half], [half, worker.MP_BATCH]]
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.npz", "process-0.json", "process-1.json"]
+    # written once: process 0's run folder and checkpoint; process 1 wrote only its report
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.npz", "process-0.json", "process-1.json", "run-0"]
+    assert {"config.json", "metrics.jsonl", "summary.json", "checkpoints"} <= set(os.listdir(tmp_path / "run-0"))
+
+    # the runner across two processes (4 devices) == the runner on one device
+    for r in reports:
+        run = r["runner"]
+        assert (run["devices"], run["processes"], run["mesh"]) == (4, 2, {"data": 4, "model": 1})
+        assert (run["global_batch_size"], run["per_device_batch_size"], run["per_process_batch_size"]) \
+            == (96, 24, 48)
+    with open(tmp_path / "run-0" / "metrics.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    assert _history_diff(rows, emulated["runner"]["1"]["rows"]) < TOL
+    with open(tmp_path / "run-0" / "summary.json", encoding="utf-8") as f:
+        assert json.load(f)["processes"] == 2
 
     ref_params, ref_losses = worker.reference_multiprocess()
     for r in reports:
@@ -241,15 +264,27 @@ def test_two_processes_on_localhost_match_single_process(tmp_path):
     assert ref_losses[-1] < ref_losses[0]
 
 
-# --------------------------------------------------------------------------- train.fit with mesh=
+# --------------------------------------------------------------------------- the runner
 
-def test_fit_on_eight_devices_matches_one_device(emulated):
-    r = emulated["fit_8"]
-    assert r["param_spec"] == "P()" and r["param_devices"] == 8
-    assert r["param_diff"] < TOL and r["history_diff"] < TOL, r
-    assert r["rows"] == 3 and r["loss_first_last"][1] < r["loss_first_last"][0]
+HISTORY_KEYS = ("train_loss", "test_loss", "train_accuracy", "test_accuracy", "batch_loss")
 
 
-def test_fit_refuses_indivisible_batch(emulated):
-    e = emulated["errors"]["fit_batch_30"]
-    assert e and "30" in e and "8 devices" in e, e
+def _history_diff(rows_a, rows_b):
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
+    return max(abs(a[k] - b[k]) for a, b in zip(rows_a, rows_b) for k in HISTORY_KEYS
+               if a.get(k) is not None)
+
+
+def test_runner_uses_all_devices_by_default_and_matches_one_device(emulated):
+    r8, r1 = emulated["runner"]["8"], emulated["runner"]["1"]
+    assert (r8["devices"], r8["processes"], r8["mesh"]) == (8, 1, {"data": 8, "model": 1})
+    assert (r8["global_batch_size"], r8["per_device_batch_size"]) == (96, 12)
+    assert (r1["devices"], r1["global_batch_size"], r1["per_device_batch_size"]) == (1, 96, 96)
+    assert len(r8["rows"]) == 3 and r8["rows"][-1]["train_loss"] < r8["rows"][0]["train_loss"]
+    assert _history_diff(r8["rows"], r1["rows"]) < TOL
+
+
+def test_runner_refuses_indivisible_batch_before_writing(emulated):
+    e = emulated["errors"]["runner_batch_100"]
+    assert e and "100" in e and "8 devices" in e and "96 or 104" in e, e
+    assert not emulated["runner_bad_out_exists"]
