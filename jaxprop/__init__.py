@@ -23,5 +23,10 @@ __all__ = [
     "value_and_grad", "grad", "check_gradients", "check_layer", "GradientReport", "as_custom_vjp",
     "initializers",
 ]
+from jaxprop.repeat import repeat, stack_params, unstack_params
+from jaxprop.precision import (mixed_value_and_grad, cast_floating, LossScale, dynamic_loss_scale,
+                               adjust_loss_scale, all_finite)
+__all__ += ["repeat", "stack_params", "unstack_params", "mixed_value_and_grad", "cast_floating",
+            "LossScale", "dynamic_loss_scale", "adjust_loss_scale", "all_finite"]
 from jaxprop import checkpoint, data, models, train    # training: jp.train.fit, jp.data.load, jp.models.build_model
 __all__ += ["checkpoint", "data", "models", "train"]

@@ -64,3 +64,7 @@ CASES = [
     Case("residual", lambda: jp.residual(jp.serial(jp.dense(5), jp.gelu(), jp.dense(5))), (4, 5),
          bad_shape=(4, 6)),
 ]
+
+# repeat(block, n): lax.scan forward, reverse-scan backward. Residual and dropout blocks are
+# compared with serial (itself checked here) in tests/test_repeat.py: eager scans recompile per call.
+CASES.append(Case("repeat", lambda: jp.repeat(jp.serial(jp.dense(5), jp.tanh()), 3), (4, 5), bad_shape=(4, 6)))
