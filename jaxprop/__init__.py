@@ -30,3 +30,8 @@ __all__ += ["repeat", "stack_params", "unstack_params", "mixed_value_and_grad", 
             "LossScale", "dynamic_loss_scale", "adjust_loss_scale", "all_finite"]
 from jaxprop import checkpoint, data, models, train    # training: jp.train.fit, jp.data.load, jp.models.build_model
 __all__ += ["checkpoint", "data", "models", "train"]
+from jaxprop.layers.conv import conv1d, conv2d
+from jaxprop.layers.pooling import max_pool, avg_pool, global_avg_pool
+from jaxprop.layers.norm import batch_norm, layer_norm, group_norm
+__all__ += ["conv1d", "conv2d", "max_pool", "avg_pool", "global_avg_pool", "batch_norm", "layer_norm",
+            "group_norm"]

@@ -1,0 +1,215 @@
+r"""Convolution layers, 1-D and 2-D, channels-last, with a hand-derived backward pass.
+
+The derivation is written once, for one spatial axis (a 2-D convolution does
+the same on each axis independently). Shapes: x (N, L, C), kernel W
+(K, C/G, F), b (F,), y (N, O, F), with G groups, stride S, dilation D and the
+zero padding (lo, hi) already applied: xp (N, Lp, C), Lp = lo + L + hi.
+Channel c = g C_g + i of group g (C_g = C/G) meets output channel
+f = g F_g + j (F_g = F/G) only.
+
+Forward (a cross-correlation, as every deep-learning "convolution")::
+
+    y[n, o, f] = sum_{k < K} sum_{i < C_g} xp[n, o S + k D, g C_g + i] W[k, i, f] + b[f]
+    O = floor((Lp - (K - 1) D - 1) / S) + 1
+
+Backward. Each xp[n, p, c] reaches y[n, o, f] through every (o, k) with
+o S + k D = p, so (chain rule, summing over those paths)::
+
+    dxp[n, p, g C_g + i] = sum_{o, k : o S + k D = p} sum_j dY[n, o, g F_g + j] W[k, i, g F_g + j]
+
+Insert S - 1 zeros between the entries of dY (``lhs_dilation=S``) and the
+condition o S + k D = p becomes a plain correlation of the dilated dY with
+the kernel flipped in space (k -> K - 1 - k) and with input/output channels
+swapped inside each group: dX is the *transposed convolution* of dY. Padding
+the dilated dY with (K - 1) D - lo zeros in front and L + lo - 1 - (O - 1) S
+behind gives exactly the L positions of x (negative amounts crop: they drop
+the rows of dxp that belong to the padding)::
+
+    dX = conv(dY, flip(W)^T; strides 1, lhs_dilation S, rhs_dilation D,
+              padding ((K-1)D - lo, L + lo - 1 - (O-1)S), groups G)        (N, L, C)
+
+The kernel gradient sums every use of W[k, i, f] (fan-out over n and o)::
+
+    dW[k, i, f] = sum_n sum_o xp[n, o S + k D, g C_g + i] dY[n, o, f]      (K, C/G, F)
+
+which is again a correlation -- of xp with dY used as the kernel -- in which
+the batch axis n is the contracted "feature" axis, the input channel is the
+"batch" axis, the kernel tap k plays the output position (window stride D)
+and dY is spread by S (``rhs_dilation=S``). Groups pair input-channel group g
+with output-channel group g, which is ``batch_group_count=G``. The hi padding
+is cut by the trailing positions no window reaches, so exactly K taps come
+out. Finally ``db[f] = sum_{n, o} dY[n, o, f]``.
+
+Choice: both gradients are written as ``lax.conv_general_dilated`` calls with
+explicit dimension numbers rather than im2col + matmul. Same arithmetic, but
+no (N, O, K C) patch matrix in memory and XLA's convolution kernels on every
+backend. Circular padding is done outside the convolution (a wrap-around
+gather, see :mod:`jaxprop.layers.spatial`); its backward folds dxp back.
+"""
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxprop import initializers
+from jaxprop.core import (Layer, check_float, check_input, check_same_shape, default_float,
+                          shape_token, token_shape)
+from jaxprop.layers import spatial as sp
+
+# (input, kernel, output) layouts of the forward and of the two backward convolutions
+_FORWARD = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC")}
+# dW: x's batch axis is the contracted feature axis 'C', its channels are the batch 'N';
+# dY is the kernel, (N, O, F) read as (I, spatial, O); the output (K, C/G, F) as (spatial, N, C).
+_KERNEL_GRAD = {1: ("CWN", "IWO", "WNC"), 2: ("CHWN", "IHWO", "HWNC")}
+
+
+def _conv(nd, features, kernel_size, stride, padding, dilation, groups, bias, w_init, dtype) -> Layer:
+    layer = f"conv{nd}d"
+    if not isinstance(features, (int, np.integer)) or features < 1:
+        raise ValueError(f"{layer}: features must be a positive int, got {features!r}")
+    ks = sp.as_tuple(kernel_size, nd, "kernel_size", layer)
+    st = sp.as_tuple(stride, nd, "stride", layer)
+    dl = sp.as_tuple(dilation, nd, "dilation", layer)
+    padding = sp.check_padding_spec(padding, layer)
+    if not isinstance(groups, (int, np.integer)) or groups < 1 or features % groups:
+        raise ValueError(f"{layer}: groups must be a positive int dividing features={features}, got {groups!r}")
+    name = f"{layer}({features}, {ks if nd > 1 else ks[0]})"
+    init_w = initializers.get(w_init)
+    spatial_names = "L" if nd == 1 else "H, W"
+
+    def geometry(in_shape):
+        """Static shapes of the forward pass: (pads, circular, conv_pads, out_spatial)."""
+        spatial = tuple(in_shape[1:-1])
+        pads, circular = sp.resolve_padding(padding, spatial, ks, st, dl, name)
+        out = tuple(sp.out_size(n, p, k, s, d) for n, p, k, s, d in zip(spatial, pads, ks, st, dl))
+        if any(o < 1 for o in out):
+            raise ValueError(f"{name}: input of spatial size {spatial} is smaller than the dilated kernel "
+                             f"{tuple((k - 1) * d + 1 for k, d in zip(ks, dl))} after padding {pads}")
+        conv_pads = ((0, 0),) * nd if circular else pads
+        return pads, circular, conv_pads, out
+
+    def check_x(x, c_in):
+        check_float(name, x)
+        if np.ndim(x) != nd + 2:
+            raise ValueError(f"{name}: expected input of shape (N, {spatial_names}, C) (rank {nd + 2}, "
+                             f"channels last), got shape {tuple(np.shape(x))}")
+        check_input(name, x, last=c_in)
+
+    def init(key, in_shape):
+        in_shape = tuple(in_shape)
+        if len(in_shape) != nd + 2:
+            raise ValueError(f"{name}: in_shape must be (N, {spatial_names}, C), got {in_shape}")
+        c_in = in_shape[-1]
+        if c_in % groups:
+            raise ValueError(f"{name}: groups={groups} must divide the input channels, got in_shape {in_shape}")
+        _, _, _, out = geometry(in_shape)
+        dt = dtype or default_float()
+        fan_in, fan_out = math.prod(ks) * c_in // groups, math.prod(ks) * features // groups
+        params = {"w": init_w(key, ks + (c_in // groups, features), dt, fan_in, fan_out)}
+        if bias:
+            params["b"] = jnp.zeros((features,), dt)
+        return (in_shape[0],) + out + (features,), params
+
+    def forward(params, x):
+        w = params["w"]
+        check_x(x, w.shape[-2] * groups)
+        check_input(name, x, dtype=w.dtype)
+        pads, circular, conv_pads, _ = geometry(x.shape)
+        xp = sp.wrap_pad(x, pads) if circular else x
+        y = lax.conv_general_dilated(xp, w, st, conv_pads, rhs_dilation=dl,
+                                     dimension_numbers=_FORWARD[nd], feature_group_count=groups)
+        if bias:
+            y = y + params["b"].reshape((1,) * (nd + 1) + (features,))     # b[None, ..., :]
+        return y, {"x": xp, "w": w, "x_shape": shape_token(x)}
+
+    def backward(cache, dy):
+        xp, w = cache["x"], cache["w"]
+        x_shape = token_shape(cache["x_shape"])
+        pads, circular, conv_pads, out = geometry(x_shape)
+        check_same_shape(name, (x_shape[0],) + out + (features,), dy)
+        conv_in = xp.shape[1:-1]                        # spatial size the convolution saw (L, or Lp if wrapped)
+        c_g, f_g = w.shape[-2], features // groups
+
+        # forward was: y = conv(xp, W) + b;  db = sum over n and positions
+        grads = {}
+        # dW[k, i, f] = sum_{n,o} xp[n, oS + kD, gC_g + i] dY[n, o, f]: correlate xp with dY
+        used = [(o - 1) * s + (k - 1) * d + 1 for o, s, k, d in zip(out, st, ks, dl)]
+        w_pads = [(lo, hi - (n + lo + hi - u)) for (lo, hi), n, u in zip(conv_pads, conv_in, used)]
+        grads["w"] = lax.conv_general_dilated(xp, dy, dl, w_pads, rhs_dilation=st,
+                                              dimension_numbers=_KERNEL_GRAD[nd], batch_group_count=groups)
+        if bias:
+            grads["b"] = dy.sum(axis=tuple(range(nd + 1)))
+
+        # dX: transposed convolution of dY with the kernel flipped in space, channels swapped per group
+        w_t = jnp.flip(w, axis=tuple(range(nd)))                            # k -> K - 1 - k
+        w_t = w_t.reshape(ks + (c_g, groups, f_g))                         # [k, i, g, j]
+        w_t = w_t.transpose(tuple(range(nd)) + (nd + 2, nd + 1, nd))        # [k, j, g, i]
+        w_t = w_t.reshape(ks + (f_g, groups * c_g))                         # (K, F/G, C)
+        x_pads = [((k - 1) * d - lo, n + lo - 1 - (o - 1) * s)
+                  for (lo, _), n, k, d, o, s in zip(conv_pads, conv_in, ks, dl, out, st)]
+        dxp = lax.conv_general_dilated(dy, w_t, (1,) * nd, x_pads, lhs_dilation=st, rhs_dilation=dl,
+                                       dimension_numbers=_FORWARD[nd], feature_group_count=groups)
+        # forward was: xp = wrap_pad(x)  (circular only)
+        dx = sp.wrap_pad_backward(dxp, pads, x_shape[1:-1]) if circular else dxp
+        return grads, dx
+
+    return Layer(init, forward, backward, name=name)
+
+
+_ARGS_DOC = """
+    Args:
+      features: F, the number of output channels.
+      kernel_size: K, an int or a tuple (one per spatial axis).
+      stride: S, an int or a tuple; need not divide the input size.
+      padding: ``"SAME"`` (JAX's meaning: output ceil(L / S)), ``"VALID"``,
+        ``"CIRCULAR"`` (wrap-around, the amounts of "SAME"), an int, or one
+        (lo, hi) pair per spatial axis.
+      dilation: D (kernel dilation, "atrous"), an int or a tuple.
+      groups: G; must divide C and F. ``groups=C`` with ``features=m C`` is a
+        depthwise convolution (channel multiplier m).
+      bias: whether to add b; without it params are ``{"w"}`` only.
+      w_init: ``"he"`` (default, for ReLU nets), ``"glorot"``, ``"lecun"`` or
+        a function ``(key, shape, dtype, fan_in, fan_out)`` with
+        fan_in = prod(K) C/G, fan_out = prod(K) F/G; b starts at zero.
+      dtype: parameter dtype (default: float64 under x64, else float32); the
+        input must have the same dtype.
+"""
+
+
+def conv1d(features: int, kernel_size, stride=1, padding="SAME", dilation=1, groups=1, bias=True,
+           *, w_init="he", dtype=None) -> Layer:
+    """1-D convolution (cross-correlation) over (N, L, C) -> (N, O, F).
+
+    The forward/backward derivation is in the module docstring::
+
+        y[n,o,f] = sum_{k,i} xp[n, oS + kD, gC/G + i] W[k,i,f] + b[f]
+        dX = conv_transpose(dY, flip(W))   (N, L, C)
+        dW = corr(X, dY)                   (K, C/G, F)
+        db = sum_{n,o} dY                  (F,)
+
+    Params: ``{"w": (K, C/G, F), "b": (F,)}``.
+    """
+    return _conv(1, features, kernel_size, stride, padding, dilation, groups, bias, w_init, dtype)
+
+
+def conv2d(features: int, kernel_size, stride=1, padding="SAME", dilation=1, groups=1, bias=True,
+           *, w_init="he", dtype=None) -> Layer:
+    """2-D convolution (cross-correlation) over (N, H, W, C) -> (N, Oh, Ow, F).
+
+    The derivation of the module docstring, on both spatial axes at once::
+
+        y[n,oh,ow,f] = sum_{kh,kw,i} xp[n, oh Sh + kh Dh, ow Sw + kw Dw, gC/G + i] W[kh,kw,i,f] + b[f]
+        dX = conv_transpose(dY, flip(W))   (N, H, W, C)
+        dW = corr(X, dY)                   (Kh, Kw, C/G, F)
+        db = sum_{n,oh,ow} dY              (F,)
+
+    Params: ``{"w": (Kh, Kw, C/G, F), "b": (F,)}``.
+    """
+    return _conv(2, features, kernel_size, stride, padding, dilation, groups, bias, w_init, dtype)
+
+
+conv1d.__doc__ += _ARGS_DOC
+conv2d.__doc__ += _ARGS_DOC
