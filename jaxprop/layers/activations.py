@@ -10,7 +10,7 @@ itself). None has parameters: params and grads are ``()``.
 | identity     | x                                     | 1                                        |
 | sigmoid      | 1 / (1 + e^-x)                        | y (1 - y)                                |
 | tanh         | tanh x                                | 1 - y^2                                  |
-| relu         | max(x, 0)                             | 1[x > 0]   (0 at x = 0, as jax.nn.relu)  |
+| relu         | max(x, 0)                             | 1[y > 0] = 1[x > 0]  (0 at x = 0)        |
 | leaky_relu   | x if x >= 0 else a x                  | 1 if x >= 0 else a  (as jax.nn)          |
 | elu          | x if x > 0 else a (e^x - 1)           | 1 if x > 0 else y + a                    |
 | softplus     | log(1 + e^x)                          | sigmoid(x)                               |
@@ -77,13 +77,18 @@ def tanh() -> Layer:
 
 
 def relu() -> Layer:
-    """y = max(x, 0); dx = dy * 1[x > 0]. At x = 0 the gradient is 0, as
-    ``jax.nn.relu`` (``jnp.maximum`` would give 0.5 there). The cache is a
-    boolean mask, one byte per element."""
+    """y = max(x, 0); dx = dy * 1[x > 0] = dy * 1[y > 0]. At x = 0 the
+    gradient is 0, as ``jax.nn.relu`` (``jnp.maximum`` would give 0.5 there).
+
+    The cache is y itself, not x or a mask: y > 0 exactly where x > 0, and
+    y is held anyway by the layer after (a dense layer caches its input for
+    dW). So the pre-activation x is dead once the forward pass is done, and
+    no mask is stored: under jit this saves one (N, ...) float buffer per
+    relu over caching x (which is what autodiff keeps)."""
     def fn(x):
-        mask = x > 0
-        return jnp.where(mask, x, jnp.zeros((), x.dtype)), mask
-    return elementwise("relu", fn, lambda mask, dy: jnp.where(mask, dy, jnp.zeros((), dy.dtype)))
+        y = jnp.where(x > 0, x, jnp.zeros((), x.dtype))
+        return y, y
+    return elementwise("relu", fn, lambda y, dy: jnp.where(y > 0, dy, jnp.zeros((), dy.dtype)))
 
 
 def leaky_relu(negative_slope: float = 0.01) -> Layer:
