@@ -18,9 +18,11 @@ come out of the scan stacked, so ``grads`` has the structure of ``params``.
 The result equals ``serial`` of the same blocks with the same parameters.
 
 Memory: forward caches are stacked, one slice per step. A block's cache
-entry that *is* one of its parameters (dense caches ``w``) is not copied
-into the stack: the stacked parameters are kept once in the cache and the
-slice is put back before each step's backward.
+entry that *is* one of its parameters (dense caches ``w``), its input
+(dense caches x) or its output (relu caches y) is not copied into the stack:
+the stacked parameters are kept once, the step inputs x_0..x_{n-1} once
+(x_k is the output of step k and the input of step k + 1), and each slice
+is put back before that step's backward.
 """
 from __future__ import annotations
 
@@ -29,31 +31,38 @@ import jax.numpy as jnp
 
 from jaxprop.core import Layer, call_forward, check_same_shape, shape_token, token_shape
 
-_REF = "__jaxprop_param__"      # marks a cache entry that is parameter leaf number shape[-1]
+_REF = "__jaxprop_ref__"     # marks a cache entry that is source number shape[-1] (see _strip)
 
 
-def _strip_params(cache, params):
-    """Replace every cache leaf that is one of ``params``' leaves (the same
-    traced value) by a zero-size token ``{_REF: zeros((0, index))}``."""
-    p_leaves = jax.tree_util.tree_leaves(params)
+def _sources(h, y, params):
+    """What a step's cache may hold without copying: the step's input h,
+    its output y, and the leaves of its parameters (in that order)."""
+    return [h, y] + jax.tree_util.tree_leaves(params)
+
+
+def _strip(cache, sources):
+    """Replace every cache leaf that *is* one of ``sources`` (the same traced
+    value) by a zero-size token ``{_REF: zeros((0, index))}``; return the
+    stripped cache and the set of source indices used."""
+    used = set()
 
     def strip(leaf):
-        for i, p in enumerate(p_leaves):
-            if leaf is p:
+        for i, src in enumerate(sources):
+            if leaf is src:
+                used.add(i)
                 return {_REF: jnp.zeros((0, i), jnp.int8)}
         return leaf
 
-    return jax.tree_util.tree_map(strip, cache)
+    return jax.tree_util.tree_map(strip, cache), used
 
 
 def _is_ref(node) -> bool:
     return isinstance(node, dict) and tuple(node) == (_REF,)
 
 
-def _restore_params(cache, params):
-    """Inverse of :func:`_strip_params` for one step's cache and params slice."""
-    p_leaves = jax.tree_util.tree_leaves(params)
-    return jax.tree_util.tree_map(lambda node: p_leaves[node[_REF].shape[-1]] if _is_ref(node) else node,
+def _restore(cache, sources):
+    """Inverse of :func:`_strip` for one step: put the sources back."""
+    return jax.tree_util.tree_map(lambda node: sources[node[_REF].shape[-1]] if _is_ref(node) else node,
                                   cache, is_leaf=_is_ref)
 
 
@@ -102,38 +111,61 @@ def repeat(block: Layer, n: int, *, unroll: int = 1) -> Layer:
         keys = None if key is None or not block.stochastic else jax.random.split(key, n)
         states = state if block.stateful else None
 
+        used = set()
+
         def step(h, xs):                               # x_k = f(theta_k, x_{k-1})
             p, k, s = xs
             y, cache = call_forward(block, p, h, key=k, train=train, state=s)
             if y.shape != h.shape or y.dtype != h.dtype:
                 raise ValueError(f"{name}: block must keep shape and dtype; input {h.shape} {h.dtype}, "
                                  f"output {y.shape} {y.dtype}")
-            return y, _strip_params(cache, p)
+            cache, refs = _strip(cache, _sources(h, y, p))
+            used.update(refs)
+            # inputs are stacked once when the cache refers to the input or the output of a step
+            # (the output of step k is the input of step k + 1)
+            return y, (cache, h if used & {0, 1} else None)
 
-        y, steps = jax.lax.scan(step, x, (params, keys, states), length=n, unroll=unroll)
-        return y, {"params": params, "steps": steps, "y_shape": shape_token(y)}
+        y, (steps, inputs) = jax.lax.scan(step, x, (params, keys, states), length=n, unroll=unroll)
+        return y, {"params": params, "steps": steps, "inputs": inputs,
+                   "y": y if inputs is not None else None, "y_shape": shape_token(y)}
+
+    def _reverse(cache, carry, fn):
+        """Reverse scan over the steps with each step's cache restored:
+        ``fn(carry, p_k, cache_k) -> (carry, out_k)``. The output of step k is
+        carried from step k + 1 (it is that step's input), so it is not stacked."""
+        inputs = cache["inputs"]
+
+        def step(c, xs):
+            carry, y_next = c
+            p, st, h = xs
+            restored = _restore(st, _sources(h, y_next, p))
+            carry, out = fn(carry, p, restored)
+            return (carry, h), out
+
+        y_last = cache["y"]
+        (carry, _), outs = jax.lax.scan(step, (carry, y_last), (cache["params"], cache["steps"], inputs),
+                                        reverse=True, length=n, unroll=unroll)
+        return carry, outs
 
     def backward(cache, dy):
         check_same_shape(name, token_shape(cache["y_shape"]), dy)
 
-        def step(d, xs):                               # (dtheta_k, dx_{k-1}) = f.backward(cache_k, dx_k)
-            p, c = xs
-            grads, dx = block.backward(_restore_params(c, p), d)
+        def step(d, p, c):                             # (dtheta_k, dx_{k-1}) = f.backward(cache_k, dx_k)
+            grads, dx = block.backward(c, d)
             return dx, grads
 
-        dx, grads = jax.lax.scan(step, dy, (cache["params"], cache["steps"]), reverse=True,
-                                 length=n, unroll=unroll)
-        return grads, dx
+        return _reverse(cache, dy, step)[::-1]
 
     def init_state(in_shape):
         s = block.init_state(tuple(in_shape))
         return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), s)
 
     def update_state(state, cache):
-        def step(_, xs):
-            s, p, c = xs
-            return None, block.update_state(s, _restore_params(c, p))
-        return jax.lax.scan(step, None, (state, cache["params"], cache["steps"]), length=n)[1]
+        def step(carry, p, cache_and_state):
+            c, s = cache_and_state
+            return carry, block.update_state(s, c)
+        # the state of step k rides along with its cache
+        return _reverse(dict(cache, steps=(cache["steps"], state)), None, step)[1]
 
     return Layer(init, forward, backward, name=name,
                  init_state=init_state if block.stateful else None,
