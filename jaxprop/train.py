@@ -220,8 +220,11 @@ def evaluate(eval_fn, params, state, x, t, labels=None, batch_size: int = 1000) 
     n = x.shape[0]
     loss_sum, correct = 0.0, 0
     for i in range(0, n, batch_size):
-        out = eval_fn(params, state, x[i:i + batch_size], t[i:i + batch_size],
-                      None if labels is None else labels[i:i + batch_size])
+        if n <= batch_size:                # no slicing: one op less to dispatch (and compile)
+            out = eval_fn(params, state, x, t, labels)
+        else:
+            out = eval_fn(params, state, x[i:i + batch_size], t[i:i + batch_size],
+                          None if labels is None else labels[i:i + batch_size])
         loss_sum += float(out["loss_sum"])
         if labels is not None:
             correct += int(out["correct"])

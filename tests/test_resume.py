@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -150,20 +151,27 @@ RUN = ["--steps", "1500", "--checkpoint-every", "100", "--dtype", "float64"]
 
 def test_sigkill_then_resume_gives_identical_parameters(tmp_path):
     killed, full = tmp_path / "killed", tmp_path / "full"
-    # the uninterrupted run, in this process (x64 is on here, as --dtype float64 turns it on there)
-    assert cli.main(ARGS + RUN + ["--out", str(full)]) == 0
     proc = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "train.py")] + ARGS + RUN
                             + ["--out", str(killed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             cwd=str(ROOT))
     ckdir = killed / "checkpoints"
-    deadline = time.monotonic() + 120
-    while not ckpt.list_steps(str(ckdir)):
-        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
+    seen = {}
+
+    def kill_after_first_checkpoint():
+        deadline = time.monotonic() + 120
+        while not ckpt.list_steps(str(ckdir)) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        seen["steps"] = ckpt.list_steps(str(ckdir))
+        proc.send_signal(signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint)
+    killer.start()
+    # meanwhile, the uninterrupted run in this process (x64 is on here, as --dtype float64 turns it on there)
+    assert cli.main(ARGS + RUN + ["--out", str(full)]) == 0
+    killer.join()
+    err = proc.communicate()[1].decode()[-2000:]
+    assert seen["steps"], f"no checkpoint appeared: {err}"
+    assert proc.returncode == -signal.SIGKILL, err
     assert not (killed / "summary.json").exists()
     assert ckpt.list_steps(str(ckdir))[-1] < 1500            # really killed mid-run
     res = subprocess.run([sys.executable, str(ROOT / "experiments" / "train.py"), "--resume",
