@@ -161,7 +161,9 @@ def _local_kernel(model: MLP):
 
 
 @functools.lru_cache(maxsize=256)
-def _setup_ops(model: MLP, n: int, dtype: str) -> OpCount:
+def setup_ops(model: MLP, n: int = 1, dtype: str = "float64") -> OpCount:
+    """Counted operations of the forward pass that yields the local derivatives
+    (:func:`local_derivatives`), traced on shapes; cached."""
     dt = jnp.dtype(dtype)
     params = jax.eval_shape(lambda: jax.tree_util.tree_map(
         lambda a: a.astype(dt), model.init(jax.random.key(0), n)))
@@ -284,7 +286,7 @@ def path_gradient(model: MLP, params, x, y, *, max_paths: int = DEFAULT_MAX_PATH
             f"{backprop_ops(model, n).total:,} for backprop. Pass a larger max_paths= to run it anyway.")
     xs, ds, ws, bs, g = local_derivatives(model, params, x, y)
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params)).name
-    ops = _setup_ops(model, n, dtype)
+    ops = setup_ops(model, n, dtype)
     mul = add = evaluations = 0
     L, widths = model.depth, model.widths
     grads = []
@@ -337,5 +339,5 @@ def path_gradient(model: MLP, params, x, y, *, max_paths: int = DEFAULT_MAX_PATH
 
 
 __all__ = ["DEFAULT_MAX_PATHS", "PathLimitError", "input_output_paths", "paths_per_parameter",
-           "total_paths", "factors_per_path", "path_ops", "upstream_reuse", "local_derivatives",
+           "total_paths", "factors_per_path", "path_ops", "upstream_reuse", "local_derivatives", "setup_ops",
            "Path", "influence_paths", "path_gradient"]
