@@ -129,7 +129,8 @@ def max_pool(window, stride=None, padding="VALID") -> Layer:
         check_float(name, x)
         nd, spatial, ks, st, pads, circular, out = _pool_geometry(name, np.shape(x), window, stride, padding)
         xp = _pad(x, pads, circular, -jnp.inf)
-        y = lax.reduce_window(xp, jnp.asarray(-jnp.inf, x.dtype), lax.max, (1,) + ks + (1,),
+        # a NumPy init value: concrete under jit, so lax recognises the (max, -inf) monoid
+        y = lax.reduce_window(xp, np.array(-np.inf, x.dtype), lax.max, (1,) + ks + (1,),
                               (1,) + st + (1,), "VALID")
         return y, {"x": xp, "y": y, "x_shape": shape_token(x)}
 
@@ -193,7 +194,7 @@ def avg_pool(window, stride=None, padding="VALID", *, count_include_pad: bool = 
         check_float(name, x)
         nd, spatial, ks, st, pads, circular, out = _pool_geometry(name, np.shape(x), window, stride, padding)
         xp = _pad(x, pads, circular, 0.0)
-        total = lax.reduce_window(xp, jnp.zeros((), x.dtype), lax.add, (1,) + ks + (1,),
+        total = lax.reduce_window(xp, np.zeros((), x.dtype), lax.add, (1,) + ks + (1,),
                                   (1,) + st + (1,), "VALID")
         y = total / jnp.asarray(counts(x.shape, np.dtype(x.dtype)))
         return y, {"x_shape": shape_token(x)}

@@ -43,7 +43,7 @@ def as_tuple(value, nd: int, what: str, layer: str, *, minimum: int = 1) -> tupl
         except TypeError:
             raise ValueError(f"{layer}: {what} must be an int or a tuple of {nd} ints, got {value!r}") from None
         if len(out) != nd:
-            raise ValueError(f"{layer}: {what} must be an int or a tuple of {nd} ints "
+            raise ValueError(f"{layer}: {what} must be an int or a tuple of {nd} int{'s' if nd > 1 else ''} "
                              f"(one per spatial axis), got {value!r}")
     if any(v < minimum for v in out):
         raise ValueError(f"{layer}: {what} must be >= {minimum}, got {value!r}")
