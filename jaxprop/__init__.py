@@ -35,3 +35,7 @@ from jaxprop.layers.pooling import max_pool, avg_pool, global_avg_pool
 from jaxprop.layers.norm import batch_norm, layer_norm, group_norm
 __all__ += ["conv1d", "conv2d", "max_pool", "avg_pool", "global_avg_pool", "batch_norm", "layer_norm",
             "group_norm"]
+from jaxprop import complexity, paths   # the complexity study: path enumeration vs backprop
+__all__ += ["complexity", "paths"]
+from jaxprop.layers.augment import random_shift
+__all__ += ["random_shift"]

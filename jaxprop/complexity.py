@@ -193,7 +193,8 @@ def count_ops(fn, *args) -> OpCount:
 _ACTIVATIONS = {"sigmoid": sigmoid, "tanh": tanh, "relu": relu}
 
 #: Per element, in (mul, add, other), read off jaxprop's code and JAX's JVP
-#: rules (docs/complexity.md, section "The unit"); tests check them on jaxprs.
+#: rules (docs/complexity.md, section 5); tests/test_complexity.py checks them on the jaxprs,
+#: so a change to an activation's forward or backward must be mirrored here.
 #:   forward:   y = f(p)                      (jaxprop's activation forward)
 #:   backward:  dp = dy * f'(p)               (jaxprop's activation backward)
 #:   tangent:   dp_dot -> y_dot              (jax.jvp of the forward)
@@ -201,7 +202,7 @@ _ACTIVATIONS = {"sigmoid": sigmoid, "tanh": tanh, "relu": relu}
 ACTIVATION_COSTS = {
     "sigmoid": dict(forward=(0, 0, 1), backward=(2, 1, 0), tangent=(2, 1, 0), deriv=(1, 1, 0)),
     "tanh": dict(forward=(0, 0, 1), backward=(2, 1, 0), tangent=(2, 2, 0), deriv=(1, 1, 0)),
-    "relu": dict(forward=(0, 0, 2), backward=(0, 0, 1), tangent=(0, 0, 1), deriv=(0, 0, 1)),
+    "relu": dict(forward=(0, 0, 2), backward=(0, 0, 2), tangent=(0, 0, 1), deriv=(0, 0, 1)),
 }
 
 
@@ -503,7 +504,7 @@ def backprop_ops(model: MLP, n: int = 1) -> OpCount:
     r"""jp.value_and_grad's gradient: forward, loss backward, reverse sweep::
 
         forward (no loss tail)  + N n_L add (r = Y - T) + N n_L + 2 mul (dY = (2/N) r)
-        per activation element  (2 mul + 1 add) sigmoid/tanh, 1 other relu
+        per activation element  (2 mul + 1 add) sigmoid/tanh, 2 other relu (y > 0, where)
         per dense layer k       dW: N I O mul, (N-1) I O add;  db: b (N-1) O add
                                 dX (k >= 1 only): N I O mul, N I (O-1) add
 
