@@ -162,7 +162,8 @@ def run_config(timer, kind, widths, rows):
                          io_paths=px.input_output_paths(widths), param_paths=px.total_paths(model),
                          method=method, ops=ops.total, mul=ops.mul, add=ops.add, other=ops.other,
                          forward_passes=ops.total / fwd, time_s=t, time_source=source, repeats=reps))
-        line.append(f"{method[:5]} {ops.total:9.3g} ops {fmt_time(t):>11}{'*' if source == 'extrapolated' else ' '}")
+        mark = "*" if source == "extrapolated" else " "
+        line.append(f"{method[:5]} {ops.total:9.3g} ops {fmt_time(t):>11}{mark}")
     name = "-".join(map(str, widths))
     if len(name) > 17:
         name = f"{widths[0]}-..x{model.depth}..-{widths[-1]}"
@@ -288,8 +289,9 @@ def write_markdown(rows, th, args, path):
             continue
         for m in METHODS:
             r = ms[m]
+            mark = "*" if r["time_source"] == "extrapolated" else ""
             L.append(f"| {widths} | {r['n_params']:,} | {r['io_paths']:,} | {m} | {r['ops']:,} | "
-                     f"{r['forward_passes']:,.1f} | {fmt_time(r['time_s'])}{'*' if r['time_source'] == 'extrapolated' else ''} |")
+                     f"{r['forward_passes']:,.1f} | {fmt_time(r['time_s'])}{mark} |")
     L.append("\n## Depth sweep\n")
     L.append("Operations (and time) per method; `forward passes` = operations / one forward pass.\n")
     L.append("| network | params | paths per example | paths ops | fin. diff. ops | fwd. mode ops | backprop ops "
@@ -301,8 +303,8 @@ def write_markdown(rows, th, args, path):
         p, b = ms["paths"], ms["backprop"]
         L.append(f"| {widths} | {p['n_params']:,} | {p['param_paths']:,} | {p['ops']:,} | "
                  f"{ms['finite_differences']['ops']:,} | {ms['forward_mode']['ops']:,} | {b['ops']:,} | "
-                 f"{b['forward_passes']:.2f} | {fmt_time(p['time_s'])}{'*' if p['time_source'] == 'extrapolated' else ''} | "
-                 f"{fmt_time(b['time_s'])} |")
+                 f"{b['forward_passes']:.2f} | {fmt_time(p['time_s'])}"
+                 f"{'*' if p['time_source'] == 'extrapolated' else ''} | {fmt_time(b['time_s'])} |")
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
 

@@ -96,7 +96,8 @@ def chain(model, params, x, y):
 
 def two_two_one():
     print("\n" + "=" * 78)
-    print("2. The 2-2-1 network: X0[0], X0[1] -> W0 (2x2) -> P0[0], P0[1] -> sigma -> X1 -> W1 (2x1) -> P1 -> sigma -> Y")
+    print("2. The 2-2-1 network: X0[0], X0[1] -> W0 (2x2) -> P0[0], P0[1] -> sigma -> X1 -> W1 (2x1) "
+          "-> P1 -> sigma -> Y")
     print("=" * 78)
     model = cx.mlp((2, 2, 1), bias=False)
     params = ({"w": jnp.array([[0.6, -0.4], [0.3, 0.9]])}, (), {"w": jnp.array([[1.1], [-0.7]])}, ())
@@ -129,7 +130,8 @@ def two_two_one():
     for widths in [(2, 2, 1), (2, 2, 2, 2, 1), (4, 4, 4, 4, 1), (8,) * 6 + (1,)]:
         mm = cx.mlp(widths, bias=False)
         naive, bp = px.path_ops(mm).total, cx.backprop_ops(mm).total
-        print(f"    {'-'.join(map(str, widths)):<16} paths {naive:>14,}   backprop {bp:>7,}   ratio {naive / bp:>10,.1f}")
+        print(f"    {'-'.join(map(str, widths)):<16} paths {naive:>14,}   backprop {bp:>7,}   "
+              f"ratio {naive / bp:>10,.1f}")
     print("(the sweep over depth and width: experiments/complexity.py)")
     return model, params, x, y, upstream
 
@@ -201,7 +203,8 @@ def draw_221(model, params, x, y, upstream, path):
     for j in range(2):
         a, b = pos[f"P0[{j}]"], pos["P1"]
         ax.plot([a[0], b[0]], [a[1], b[1]], color="#2ca02c", lw=1.5, zorder=1)
-        ax.text(a[0] + 0.38 * (b[0] - a[0]), a[1] + 0.38 * (b[1] - a[1]), f"dJ/dW1[{j},0]\n{float(hand[2]['w'][j, 0]):+.4f}",
+        label = f"dJ/dW1[{j},0]\n{float(hand[2]['w'][j, 0]):+.4f}"
+        ax.text(a[0] + 0.38 * (b[0] - a[0]), a[1] + 0.38 * (b[1] - a[1]), label,
                 fontsize=8, color="#2ca02c", ha="center", va="center", bbox=box, zorder=2)
     ax.annotate("", xy=(10.1, 0), xytext=(8.5, 0), arrowprops=dict(arrowstyle="->", lw=1.5))
     ax.text(9.3, 0.15, "σ, (Y-T)²", fontsize=9, ha="center")
@@ -214,8 +217,8 @@ def draw_221(model, params, x, y, upstream, path):
             ax.text(xy[0], xy[1] + dy, f"dJ/d{name}: evaluated {n}x by the\npath sums, 1x by backprop",
                     ha="center", va="bottom" if dy > 0 else "top", fontsize=8.5, color="#a05000",
                     fontweight="bold")
-    ax.text(-0.6, -2.9, "each P node stands for P -> σ -> X; edge labels: dJ/dW from jp.value_and_grad",
-            fontsize=8, color="#555")
+    ax.text(-0.6, -2.9, "each P node stands for P -> σ -> X; edge labels: dJ/dW from "
+            "jp.value_and_grad", fontsize=8, color="#555")
     ax.set_xlim(-0.8, 11.4)
     ax.set_ylim(-3.1, 2.6)
     ax.set_aspect("equal")
