@@ -109,7 +109,7 @@ class Timer:
                 return rate
         return ({"paths": 2e-8}.get(method, 2e-9)) if guess else None
 
-    def _learn(self, method, key, ops, t):
+    def learn(self, method, key, ops, t):
         for k in (key, None):
             if ops >= self.rate.get((method, k), (0, 0))[0]:
                 self.rate[(method, k)] = (ops, t / ops)
@@ -140,7 +140,7 @@ class Timer:
             fn()
             times.append(time.perf_counter() - t)
         t = statistics.median(times)
-        self._learn(method, key, ops, t)
+        self.learn(method, key, ops, t)
         return t, reps
 
 
@@ -185,7 +185,7 @@ def sweep(args):
     px.setup_ops(model, 1, "float64")
     t = time.perf_counter()
     px.path_gradient(model, params, x, y, max_paths=math.inf)
-    timer._learn("paths", "calibration", px.path_ops(model, 1).total, time.perf_counter() - t)
+    timer.learn("paths", "calibration", px.path_ops(model, 1).total, time.perf_counter() - t)
     for w in args.widths:       # increasing depth, so each width's rate is learned as it grows
         depth = 1
         while True:

@@ -131,9 +131,10 @@ def _eqn_cost(eqn) -> OpCount:
                      f"(add it to jaxprop.complexity if it does arithmetic)")
 
 
-def _count_jaxpr(jaxpr, live_out) -> OpCount:
+def _count_jaxpr(jaxpr, live_out):
     """Cost of the equations of ``jaxpr`` that the outputs flagged in
-    ``live_out`` depend on (dead-code elimination, then a sum)."""
+    ``live_out`` depend on (dead-code elimination, then a sum), and which
+    inputs they read: ``(OpCount, [bool per invar])``."""
     from jax.extend.core import Literal, Var, jaxprs_in_params
 
     live = {v for v, keep in zip(jaxpr.outvars, live_out) if keep and isinstance(v, Var)}
@@ -143,36 +144,17 @@ def _count_jaxpr(jaxpr, live_out) -> OpCount:
         if not any(used):
             continue
         subs = list(jaxprs_in_params(eqn.params))
-        if subs:
-            if (eqn.primitive.name not in _CALLS or len(subs) != 1
-                    or len(subs[0].outvars) != len(eqn.outvars)):
-                raise ValueError(f"count_ops: cannot count the control-flow primitive "
-                                 f"'{eqn.primitive.name}' (write the study's functions without it)")
-            sub = subs[0]
-            total = total + _count_jaxpr(sub, used)
-            sub_live = _live_inputs(sub, used)
-            live.update(v for v, k in zip(eqn.invars, sub_live) if k and not isinstance(v, Literal))
-            continue
-        total = total + _eqn_cost(eqn)
-        live.update(v for v in eqn.invars if not isinstance(v, Literal))
-    return total
-
-
-def _live_inputs(jaxpr, live_out):
-    from jax.extend.core import Literal, Var, jaxprs_in_params
-
-    live = {v for v, keep in zip(jaxpr.outvars, live_out) if keep and isinstance(v, Var)}
-    for eqn in reversed(jaxpr.eqns):
-        used = [isinstance(v, Var) and v in live for v in eqn.outvars]
-        if not any(used):
-            continue
-        subs = list(jaxprs_in_params(eqn.params))
-        if subs:
-            sub_live = _live_inputs(subs[0], used)
-            live.update(v for v, k in zip(eqn.invars, sub_live) if k and not isinstance(v, Literal))
-        else:
+        if not subs:
+            total = total + _eqn_cost(eqn)
             live.update(v for v in eqn.invars if not isinstance(v, Literal))
-    return [v in live for v in jaxpr.invars]
+            continue
+        if eqn.primitive.name not in _CALLS or len(subs) != 1 or len(subs[0].outvars) != len(eqn.outvars):
+            raise ValueError(f"count_ops: cannot count the control-flow primitive "
+                             f"'{eqn.primitive.name}' (write the study's functions without it)")
+        inner, inner_live = _count_jaxpr(subs[0], used)
+        total = total + inner
+        live.update(v for v, k in zip(eqn.invars, inner_live) if k and not isinstance(v, Literal))
+    return total, [v in live for v in jaxpr.invars]
 
 
 def count_ops(fn, *args) -> OpCount:
@@ -184,7 +166,7 @@ def count_ops(fn, *args) -> OpCount:
     rule (so nothing is silently counted as free) and on control flow.
     """
     closed = jax.make_jaxpr(fn)(*args)
-    return _count_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+    return _count_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))[0]
 
 
 # ----------------------------------------------------------------------------- the study's nets
