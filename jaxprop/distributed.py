@@ -43,7 +43,7 @@ Replicated outputs are read with :func:`to_host`; only the process where
 """
 from __future__ import annotations
 
-import math
+import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
@@ -110,6 +110,12 @@ def make_mesh(devices: Union[int, Sequence, None] = None, *, model: int = 1) -> 
         if not devs:
             raise ValueError("make_mesh: got an empty device list")
     n = len(devs)
+    if (jax.process_count() > 1 and devs[0].platform == "cpu"
+            and len({d.id for d in devs if d.process_index == jax.process_index()}) > 1):
+        warnings.warn("make_mesh: several CPU devices per process in a multi-process run; with "
+                      "JAX 0.10's CPU collectives this can hang when many steps are dispatched "
+                      "without waiting for results (see docs/scaling.md); use one CPU device per "
+                      "process", RuntimeWarning, stacklevel=2)
     if not isinstance(model, (int, np.integer)) or model < 1 or n % model:
         raise ValueError(f"make_mesh: model axis size {model!r} must be a positive divisor of the "
                          f"number of devices ({n})")

@@ -101,7 +101,8 @@ def workers(tmp_path_factory):
     mp_dir = base / "two-process"
     mp_dir.mkdir()
     port = _free_port()
-    mp_env = dict(worker.clean_env(2), JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}")  # loopback only
+    # one CPU device per process: see docs/scaling.md on XLA:CPU with several devices per process
+    mp_env = dict(worker.clean_env(1), JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}")  # loopback only
     commands = {"emulated": (["emulated", str(base / "emulated.json")], worker.clean_env(8))}
     for pid in range(2):
         commands[f"process-{pid}"] = (["process", str(pid), "2", str(port), str(mp_dir)], mp_env)
@@ -230,10 +231,10 @@ def test_two_processes_on_localhost_match_single_process(workers, emulated):
             reports.append(json.load(f))
     for pid, r in enumerate(reports):
         assert r["process_index"] == pid and r["process_count"] == 2
-        assert r["device_count"] == 4 and r["local_device_count"] == 2
+        assert r["device_count"] == 2 and r["local_device_count"] == 1
         assert r["primary"] == (pid == 0)
         assert r["x_global_shape"][0] == worker.MP_BATCH and not r["x_fully_addressable"]
-        assert r["batch_sizes"]["per_device_batch_size"] == worker.MP_BATCH // 4
+        assert r["batch_sizes"]["per_device_batch_size"] == worker.MP_BATCH // 2
         assert r["batch_sizes"]["per_process_batch_size"] == worker.MP_BATCH // 2
     half = worker.MP_BATCH // 2
     assert [reports[0]["rows"], reports[1]["rows"]] == [[0, half], [half, worker.MP_BATCH]]
@@ -241,12 +242,12 @@ def test_two_processes_on_localhost_match_single_process(workers, emulated):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.npz", "process-0.json", "process-1.json", "run-0"]
     assert {"config.json", "metrics.jsonl", "summary.json", "checkpoints"} <= set(os.listdir(tmp_path / "run-0"))
 
-    # the runner across two processes (4 devices) == the runner on one device
+    # the runner across two processes (2 devices) == the runner on one device
     for r in reports:
         run = r["runner"]
-        assert (run["devices"], run["processes"], run["mesh"]) == (4, 2, {"data": 4, "model": 1})
+        assert (run["devices"], run["processes"], run["mesh"]) == (2, 2, {"data": 2, "model": 1})
         assert (run["global_batch_size"], run["per_device_batch_size"], run["per_process_batch_size"]) \
-            == (96, 24, 48)
+            == (96, 48, 48)
     with open(tmp_path / "run-0" / "metrics.jsonl", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     assert _history_diff(rows, emulated["runner"]["1"]["rows"]) < TOL
