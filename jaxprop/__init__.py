@@ -37,3 +37,5 @@ __all__ += ["conv1d", "conv2d", "max_pool", "avg_pool", "global_avg_pool", "batc
             "group_norm"]
 from jaxprop import complexity, paths   # the complexity study: path enumeration vs backprop
 __all__ += ["complexity", "paths"]
+from jaxprop.layers.augment import random_shift
+__all__ += ["random_shift"]

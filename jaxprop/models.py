@@ -100,3 +100,97 @@ def build_model(spec: str, n_outputs: int) -> Layer:
     if name not in MODELS:
         raise ValueError(f"build_model: unknown model {name!r} in spec {spec!r}; registered: {sorted(MODELS)}")
     return MODELS[name](args, n_outputs)
+
+
+# ------------------------------------------------------------------ convolutional nets (issue #5)
+import re as _re  # noqa: E402
+
+from jaxprop.layers import augment as _augment, conv as _conv, norm as _norm  # noqa: E402
+from jaxprop.layers import pooling as _pooling, reshape as _reshape  # noqa: E402
+
+_CONV_TOKEN = _re.compile(r"c(\d+)k(\d+)((?:[sdpg]\d+)*)$")
+_POOL_TOKEN = _re.compile(r"(mp|ap)(\d+)(?:s(\d+))?$")
+
+
+def cnn(args: str, n_outputs: int) -> Layer:
+    """``cnn:TOKENS[:OPTION=VALUE...]``: a convolutional net, then flatten and ``dense(n_outputs)``.
+
+    TOKENS, joined by ``-``, in order:
+
+    * ``c<F>k<K>[s<S>][d<D>][p<P>][g<G>]``: convolution, F features, kernel K,
+      stride S, dilation D, explicit padding P on each side (else ``pad=``), G groups;
+      without bias when ``bn`` follows (batch norm cancels it)
+    * ``bn``, ``ln``, ``gn<G>``: batch / layer / group norm
+    * an activation name (``relu``, ``gelu``, ...)
+    * ``mp<K>[s<S>]``, ``ap<K>[s<S>]``: max / average pool (stride defaults to K)
+    * ``gap``: global average pool; ``flat``: flatten; ``fc<W>``: hidden dense layer;
+      ``drop<R>``: dropout
+
+    Options: ``in=40x1`` the per-example shape the flat input is reshaped to
+    (default ``-1x1``, a 1-D signal with one channel; ``8x8x1`` makes 2-D
+    convolutions), ``pad=same|valid|circular`` (default same),
+    ``shift=N`` random wrap-around shifts of up to N positions in training
+    (:func:`jaxprop.layers.augment.random_shift`), ``init=he|glorot|lecun``
+    (default he). Examples::
+
+        cnn:c25k5s2p1-relu-c25k3s2p1-relu-c25k3s2p1-relu          # MNIST-1D paper's CNN
+        cnn:c64k5-bn-relu-c64k5-bn-relu-gap:pad=circular:shift=4
+        cnn:c32k3-relu-mp2-c64k3-relu-gap:in=8x8x1                 # 2-D, digits
+    """
+    parts = args.split(":") if args else []
+    if not parts or not parts[0] or "=" in parts[0]:
+        raise ValueError("model cnn: give the layers, e.g. 'cnn:c32k5-bn-relu-c32k5-bn-relu-gap'")
+    opts = _options("cnn", parts[1:], ("in", "pad", "shift", "init"))
+    try:
+        in_shape = tuple(int(d) for d in opts.get("in", "-1x1").split("x"))
+    except ValueError:
+        raise ValueError(f"model cnn: in= must be dimensions joined by 'x', e.g. 40x1 or 8x8x1; "
+                         f"got {opts['in']!r}") from None
+    nd = len(in_shape) - 1
+    if nd not in (1, 2):
+        raise ValueError(f"model cnn: in= must give (length, channels) or (height, width, channels), got {in_shape}")
+    pad = opts.get("pad", "same").upper()
+    init = opts.get("init", "he")
+    make_conv = _conv.conv1d if nd == 1 else _conv.conv2d
+    layers = [_reshape.reshape(in_shape)]
+    if int(opts.get("shift", 0)) > 0:
+        layers.append(_augment.random_shift(int(opts["shift"])))
+    tokens = parts[0].split("-")
+    for i, tok in enumerate(tokens):
+        m = _CONV_TOKEN.match(tok)
+        p = _POOL_TOKEN.match(tok)
+        if m:
+            extra = {k: int(v) for k, v in _re.findall(r"([sdpg])(\d+)", m.group(3))}
+            layers.append(make_conv(int(m.group(1)), int(m.group(2)), stride=extra.get("s", 1),
+                                    padding=extra["p"] if "p" in extra else pad, dilation=extra.get("d", 1),
+                                    groups=extra.get("g", 1), w_init=init,
+                                    # batch norm subtracts the batch mean: a bias before it has no effect
+                                    bias=tokens[i + 1:i + 2] != ["bn"]))
+        elif p:
+            pool = _pooling.max_pool if p.group(1) == "mp" else _pooling.avg_pool
+            layers.append(pool(int(p.group(2)), int(p.group(3)) if p.group(3) else None))
+        elif tok == "bn":
+            layers.append(_norm.batch_norm())
+        elif tok == "ln":
+            layers.append(_norm.layer_norm())
+        elif _re.fullmatch(r"gn\d+", tok):
+            layers.append(_norm.group_norm(int(tok[2:])))
+        elif tok == "gap":
+            layers.append(_pooling.global_avg_pool())
+        elif tok == "flat":
+            layers.append(_reshape.flatten())
+        elif _re.fullmatch(r"fc\d+", tok):
+            layers.append(dense(int(tok[2:]), w_init=init))
+        elif _re.fullmatch(r"drop[0-9.]+", tok):
+            layers.append(dropout(float(tok[4:])))
+        elif tok in ACTIVATIONS:
+            layers.append(ACTIVATIONS[tok]())
+        else:
+            raise ValueError(f"model cnn: unknown layer token {tok!r}; use c<F>k<K>[s<S>][d<D>][p<P>][g<G>], "
+                             f"bn, ln, gn<G>, mp<K>[s<S>], ap<K>[s<S>], gap, flat, fc<W>, drop<R> or one of "
+                             f"{sorted(ACTIVATIONS)}")
+    layers += [_reshape.flatten(), dense(n_outputs, w_init="glorot")]
+    return serial(*layers)
+
+
+MODELS["cnn"] = cnn

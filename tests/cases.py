@@ -96,3 +96,4 @@ CNN_CASES = [
         jp.max_pool(2), jp.global_avg_pool(), jp.dense(3)), (4, 12, 2), ctx={"train": True}),
 ]
 CASES += CNN_CASES
+CASES.append(Case("random_shift", lambda: jp.random_shift(2), (3, 7, 2), ctx={"key": DROP_KEY, "train": True}))

@@ -179,3 +179,35 @@ def test_cache_is_arrays_and_jit_agrees():
     g2, dx2 = layer.backward(cache, dy)
     np.testing.assert_allclose(dx1, dx2, rtol=1e-12)
     np.testing.assert_allclose(g1["w"], g2["w"], rtol=1e-12)
+
+
+def test_random_shift_rolls_each_example_and_back():
+    layer = jp.random_shift(3)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 9, 2)))
+    y, cache = layer.forward((), x, key=jax.random.key(0), train=True)
+    shifts = np.asarray(cache["shifts"])[:, 0]
+    assert np.all(np.abs(shifts) <= 3) and len(set(shifts.tolist())) > 1
+    for n in range(6):
+        np.testing.assert_array_equal(y[n], np.roll(np.asarray(x[n]), shifts[n], axis=0))
+    assert max(vjp_errors(layer, (4, 7, 2), jnp.float64, key=jax.random.key(1), train=True)) <= 1e-12
+    assert max(vjp_errors(jp.random_shift(2), (3, 5, 4, 1), jnp.float64, key=jax.random.key(2))) <= 1e-12
+    y_eval, cache = layer.forward((), x, train=False)
+    np.testing.assert_array_equal(y_eval, x)
+    with pytest.raises(ValueError, match=r"random_shift\(3\).*key"):
+        layer.forward((), x, train=True)
+
+
+def test_cnn_model_specs():
+    from jaxprop.models import build_model
+    paper = build_model("cnn:c25k5s2p1-relu-c25k3s2p1-relu-c25k3s2p1-relu", 10)
+    shapes = jax.eval_shape(lambda k: paper.init(k, (100, 40))[1], jax.random.key(0))
+    assert sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes)) == 5210   # the paper's count
+    assert jp.output_shape(paper, (100, 40)) == (100, 10)
+    bn = build_model("cnn:c8k5-bn-relu-mp2-c8k3-relu-gap:pad=circular:shift=2", 10)
+    assert bn.stateful and bn.stochastic
+    shapes = jax.eval_shape(lambda k: bn.init(k, (4, 40))[1], jax.random.key(0))
+    assert "b" not in shapes[2] and "b" in shapes[6]          # no bias right before batch norm
+    digits = build_model("cnn:c4k3-relu-ap2-gap:in=8x8x1", 10)
+    assert jp.output_shape(digits, (5, 64)) == (5, 10)
+    with pytest.raises(ValueError, match="unknown layer token 'c4x3'"):
+        build_model("cnn:c4x3-relu", 10)
