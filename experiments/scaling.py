@@ -78,8 +78,10 @@ def main():
     import jaxprop as jp
     from jaxprop import distributed as dist
 
-    if jax.device_count() < max(args.devices):
-        sys.exit(f"scaling: JAX sees {jax.device_count()} devices, fewer than {max(args.devices)}")
+    if jax.device_count() < max(args.devices):      # e.g. one GPU: measure what is there
+        print(f"scaling: JAX sees {jax.device_count()} {jax.default_backend()} device(s); skipping "
+              f"{[d for d in args.devices if d > jax.device_count()]}", flush=True)
+        args.devices = [d for d in args.devices if d <= jax.device_count()]
     dtype = np.dtype(args.dtype)
     if args.check_steps and args.check_steps < 1:
         sys.exit("scaling: --check-steps must be positive (0 skips the check)")
