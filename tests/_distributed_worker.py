@@ -220,6 +220,28 @@ def emulated(out_path: str):
     res["dropout_8"] = {"param_diff": max_diff(d_out, dref),
                         "loss_diff": max(abs(a - b) for a, b in zip(d_values, dref_values))}
 
+    # batch norm: statistics over the global batch, so the state and params match one device
+    from jaxprop.train import make_train_step
+    bnet = jp.serial(jp.dense(32), jp.batch_norm(), jp.relu(), jp.dense(N_CLASSES))
+    bparams = init_params(bnet)
+    bstate = jax.tree_util.tree_map(np.asarray, jp.init_state(bnet, (N, D_IN)))
+    bhand = jp.value_and_grad(bnet, loss)
+    ref_step = jax.jit(make_train_step(bhand, tx, net=bnet, jit=False))
+    p1, o1, s1, v1 = bparams, zeros_state(tx, bparams), bstate, []
+    mesh = dist.make_mesh(8)
+    bstep = dist.data_parallel_step(bhand, tx, mesh, net=bnet)
+    p8, o8, s8 = dist.replicate((bparams, zeros_state(tx, bparams), bstate), mesh)
+    xs, ys = dist.shard_batch((x, y), mesh)
+    v8 = []
+    for _ in range(STEPS):
+        p1, o1, (value, s1) = ref_step(p1, o1, x, y, state=s1)
+        v1.append(float(value))
+        p8, o8, (value, s8) = bstep(p8, o8, xs, ys, state=s8)
+        v8.append(float(value))
+    res["batch_norm_8"] = {"param_diff": max_diff(p8, p1), "state_diff": max_diff(s8, s1),
+                           "loss_diff": max(abs(a - b) for a, b in zip(v8, v1)),
+                           "state_moved": max_diff(s1, bstate)}
+
     # tensor parallelism: a 4 x 2 (data, model) mesh, wide layers split on "model"
     mesh = dist.make_mesh(8, model=2)
     tstep = dist.data_parallel_step(hand, tx, mesh, tensor_parallel=True, min_features=16)

@@ -176,6 +176,12 @@ def test_dropout_key_replicated_gives_single_device_masks(emulated):
     assert r["param_diff"] < TOL and r["loss_diff"] < TOL, r
 
 
+def test_batch_norm_uses_global_batch_statistics(emulated):
+    r = emulated["batch_norm_8"]
+    assert r["state_moved"] > 1e-3                       # the running statistics really change
+    assert r["param_diff"] < TOL and r["state_diff"] < TOL and r["loss_diff"] < TOL, r
+
+
 def test_tensor_parallel_mesh_matches_and_splits_wide_layers(emulated):
     r = emulated["tensor_parallel_4x2"]
     assert r["param_diff"] < TOL and r["loss_diff"] < TOL, r
