@@ -53,10 +53,8 @@ def _assert_trees_close(a, b, rtol, atol=0.0):
 
 
 @pytest.mark.parametrize("make_block,dtype,jit", [
-    (dense_relu, jnp.float64, False), (dense_relu, jnp.float64, True), (dense_relu, jnp.float32, True),
-    (residual_mlp, jnp.float64, True), (residual_mlp, jnp.float32, True)],
-    ids=["dense_relu-float64-eager", "dense_relu-float64-jit", "dense_relu-float32-jit",
-         "residual-float64-jit", "residual-float32-jit"])
+    (dense_relu, jnp.float64, False), (residual_mlp, jnp.float64, True), (dense_relu, jnp.float32, True)],
+    ids=["dense_relu-float64-eager", "residual-float64-jit", "dense_relu-float32-jit"])
 def test_forward_and_gradients_equal_serial(make_block, dtype, jit):
     rep, p_rep, ser, p_ser = _serial_and_repeat(make_block, N_BLOCKS, (5, 6), dtype)
     x = jax.random.normal(jax.random.key(1), (5, 6), dtype)
@@ -77,17 +75,28 @@ def test_forward_and_gradients_equal_serial(make_block, dtype, jit):
     assert jax.tree_util.tree_structure(g_r) == jax.tree_util.tree_structure(p_rep)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["float64", "float32"])
-def test_network_with_repeat_matches_jax_grad(dtype):
+def test_network_with_repeat_matches_jax_grad():
+    """repeat inside a network, with a loss, against jax.grad (float64, random labels).
+    Both dtypes, eager and jitted, with finite differences: the registry (tests/cases.py)."""
     net = jp.serial(jp.dense(8), jp.tanh(), jp.repeat(jp.serial(jp.dense(8), jp.gelu()), 3), jp.dense(3))
+    loss = jp.softmax_cross_entropy()
     _, params = init_params(net, jax.random.key(0), (6, 4))
-    params = jp.cast_floating(params, dtype)
-    x = jax.random.normal(jax.random.key(1), (6, 4), dtype)
+    x = jax.random.normal(jax.random.key(1), (6, 4))
     y = jax.random.randint(jax.random.key(2), (6,), 0, 3)
-    # both dtypes, eager and jitted, with finite differences, run for repeat in the registry (tests/cases.py)
-    with jax.default_matmul_precision("highest"):
-        report = jp.check_gradients(net, jp.softmax_cross_entropy(), params, x, y, jit=True, fd=False)
-    assert report.ok, str(report)
+
+    def cost(p, xx):
+        return loss.forward(jp.call_forward(net, p, xx)[0], y)[0]
+
+    def hand(p, xx):
+        pred, cache = jp.call_forward(net, p, xx)
+        value, lcache = loss.forward(pred, y)
+        return value, net.backward(cache, loss.backward(lcache, jnp.ones((), value.dtype)))
+
+    value, (grads, dx) = jax.jit(hand)(params, x)
+    ref_value, (ref_grads, ref_dx) = jax.jit(jax.value_and_grad(cost, argnums=(0, 1)))(params, x)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+    for g, r in zip(jax.tree_util.tree_leaves((grads, dx)), jax.tree_util.tree_leaves((ref_grads, ref_dx))):
+        assert float(jnp.max(jnp.abs(g - r))) <= 1e-9 * max(float(jnp.max(jnp.abs(r))), 1e-3)
 
 
 def test_dropout_masks_match_serial():
