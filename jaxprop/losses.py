@@ -70,6 +70,11 @@ def softmax_cross_entropy(label_smoothing: float = 0.0) -> Loss:
 
     The fused form never forms 1/p, so |z| = 1000 gives finite values and
     gradients. For probability targets, dtarget = -(1 - e) log p / N * dJ.
+
+    Integer labels: sum_c q = (1 - e) + e = 1 exactly, so the backward is
+    ``(p - q) / N * dJ``; the cache holds the labels, not the (N, C) float
+    q, which the backward rebuilds (under jit the one-hot fuses into the
+    subtraction and is never stored).
     """
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"softmax_cross_entropy: label_smoothing must be in [0, 1), got {label_smoothing}")
@@ -98,12 +103,19 @@ def softmax_cross_entropy(label_smoothing: float = 0.0) -> Loss:
         q = (1 - e) * t + e / c if e else t
         logp = jax.nn.log_softmax(logits, axis=-1)
         value = -jnp.sum(q * logp) / n
+        if labels:
+            return value, {"logp": logp, "labels": target}
         return value, {"logp": logp, "q": q}
 
     def backward(cache, dvalue=1.0):
-        logp, q = cache["logp"], cache["q"]
+        logp = cache["logp"]
         p = jnp.exp(logp)
         s = _scale(dvalue, logp.shape[0], logp.dtype)
+        if "labels" in cache:                   # sum_c q = 1: dz = (p - q) s
+            t = jax.nn.one_hot(cache["labels"], logp.shape[-1], dtype=logp.dtype)
+            q = (1 - e) * t + e / logp.shape[-1] if e else t
+            return (p - q) * s
+        q = cache["q"]
         return (p * jnp.sum(q, axis=-1, keepdims=True) - q) * s
 
     def backward_target(cache, dvalue=1.0):
