@@ -8,18 +8,20 @@ in a rotating order), it times the full jitted training step
     params = optax.apply_updates(params, updates)    # (params and optimizer state donated)
 
 and, when PyTorch is installed, the same network's eager step (zero_grad,
-forward, backward, SGD step). Each measurement is a block of k steps; a pair
-is one block of each contestant; the report gives the median over pairs of
-the per-pair ratio hand / jax.grad (and hand / PyTorch) with its spread
+forward, backward, SGD step). Each measurement is a block of k steps; a round
+is one block of each contestant, with the hand-written and jax.grad steps back
+to back at its end in alternating order (so both follow the other contestants
+equally often); the report gives the median over rounds of the per-round
+ratio hand / jax.grad (and hand / PyTorch) with its spread
 (quartiles, min-max). Because both sides of a ratio run back to back, a
 machine shared with other work slows both alike; the absolute times are
 less trustworthy than the ratios.
 
 Also per size: achieved GFLOP/s of the step (GEMM flops of forward and
 backward, counted analytically, cross-checked with XLA's cost analysis)
-against a GEMM peak measured in the same run (square float32 jnp.dot), and
-against a GEMM of the step's own shape (B, W) @ (W, W) timed interleaved with
-the steps; compile time (lower + compile) of both steps; peak memory from
+against a GEMM peak measured in the same rounds (a square float32 jnp.dot
+timed interleaved with the steps, so load from other work affects both), and
+against a GEMM of the step's own shape (B, W) @ (W, W) timed the same way; compile time (lower + compile) of both steps; peak memory from
 XLA's compiled memory analysis. A compile-time study compares
 ``repeat(dense+relu, n)`` with ``serial`` of the same blocks.
 
@@ -233,21 +235,27 @@ def calibrate(contestant, min_block_s, max_k=10_000):
     return int(min(max_k, max(1, math.ceil(min_block_s / t))))
 
 
-def interleaved(contestants: dict, k: int, pairs: int) -> dict:
-    """Seconds per step for each contestant, one block each per round. The
-    order rotates every round and reverses every len(contestants) rounds, so
-    over 2 len(contestants) rounds each contestant takes every position and
-    follows every other one equally often."""
+def interleaved(contestants: dict, k, pairs: int, pair=("hand", "ad")) -> dict:
+    """Seconds per step for each contestant, one block each per round.
+
+    The two compared steps (``pair``) run back to back at the end of every
+    round, in alternating order, so each of them follows the other contestants
+    (which can leave the caches cold, e.g. a large GEMM) equally often; the
+    other contestants rotate among themselves. ``k``: steps per block, an int
+    or a dict per contestant.
+    """
     names = list(contestants)
+    head = [n for n in names if n not in pair]
+    tail = [n for n in names if n in pair]
     times = {n: [] for n in names}
     for r in range(pairs):
-        order = names[r % len(names):] + names[:r % len(names)]
-        if (r // len(names)) % 2:
-            order = order[::-1]
+        order = head[r % len(head):] + head[:r % len(head)] if head else []
+        order += tail if r % 2 == 0 else tail[::-1]
         for n in order:
+            kn = k[n] if isinstance(k, dict) else k
             t0 = time.perf_counter()
-            contestants[n].run(k)
-            times[n].append((time.perf_counter() - t0) / k)
+            contestants[n].run(kn)
+            times[n].append((time.perf_counter() - t0) / kn)
     return times
 
 
@@ -274,7 +282,7 @@ def gemm_peak(sizes, pairs, min_block_s):
 # ----------------------------------------------------------------------------- one size
 
 def bench_size(kind, batch, width, depth, *, pairs, min_block_s, use_torch, use_repeat=False,
-               gemm_ref=True, mixed=False, seed=0):
+               gemm_ref=True, mixed=False, peak_n=None, seed=0):
     loss = jp.softmax_cross_entropy()
     if kind == "cnn":
         net, in_shape, flops = cnn(), (batch, CNN_LEN, 1), cnn_flops(batch)
@@ -316,10 +324,12 @@ def bench_size(kind, batch, width, depth, *, pairs, min_block_s, use_torch, use_
         contestants["torch"] = TorchContestant(kind, batch, width, depth, seed)
     if gemm_ref and kind == "mlp":
         contestants["gemm"] = GemmContestant(batch, width, width)
-    k = calibrate(contestants["hand"], min_block_s)
-    for c in contestants.values():
-        c.run(1)                                  # warm-up
-    times = interleaved(contestants, k, pairs)
+    if peak_n:                                    # the GEMM peak, timed in the same rounds
+        contestants["peak"] = GemmContestant(peak_n, peak_n, peak_n)
+    ks = {n: calibrate(c, min_block_s) for n, c in contestants.items()}
+    ks["ad"] = ks["hand"]                         # the compared steps run equal blocks
+    k = ks["hand"]
+    times = interleaved(contestants, ks, pairs)
 
     med = {n: statistics.median(t) for n, t in times.items()}
     row.update(steps_per_block=k, pairs=pairs, hand_ms=med["hand"] * 1e3, ad_ms=med["ad"] * 1e3)
@@ -338,6 +348,9 @@ def bench_size(kind, batch, width, depth, *, pairs, min_block_s, use_torch, use_
     if "gemm" in times:
         row["gemm_shape_gflops"] = contestants["gemm"].flops / med["gemm"] / 1e9
         row["hand_frac_gemm_shape"] = row["hand_gflops"] / row["gemm_shape_gflops"]
+    if "peak" in times:
+        row["peak_gflops"] = contestants["peak"].flops / med["peak"] / 1e9
+        row["hand_frac_peak"] = row["hand_gflops"] / row["peak_gflops"]
     row["compile_hand_over_ad"] = row["compile_hand_s"] / row["compile_ad_s"]
     row["mem_hand_over_ad"] = row["mem_hand_mb"] / row["mem_ad_mb"] if row["mem_ad_mb"] else float("nan")
     return row
@@ -394,7 +407,7 @@ def fmt(v, nd=3):
 
 def table(rows):
     head = ["size (kind B W D)", "hand ms", "hand/jax.grad med [q25, q75] (min-max)", "hand/torch med [q25, q75]",
-            "hand GFLOP/s", "% peak", "% GEMM@shape", "compile hand/ad", "mem MB hand/ad", "bf16/f32 hand med"]
+            "hand GFLOP/s", "peak GFLOP/s", "% peak", "% GEMM@shape", "compile hand/ad", "mem MB hand/ad", "bf16/f32 hand med"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         size = f"{r['kind']} {r['batch']} {r['width']} {r['depth']}"
@@ -403,7 +416,7 @@ def table(rows):
         th = ("-" if "hand_over_torch_med" not in r else
               f"{fmt(r['hand_over_torch_med'])} [{fmt(r['hand_over_torch_q25'])}, {fmt(r['hand_over_torch_q75'])}]")
         lines.append("| " + " | ".join([
-            size, fmt(r["hand_ms"], 2), ad, th, fmt(r["hand_gflops"], 1),
+            size, fmt(r["hand_ms"], 2), ad, th, fmt(r["hand_gflops"], 1), fmt(r.get("peak_gflops"), 1),
             fmt(100 * r.get("hand_frac_peak", float("nan")), 1),
             fmt(100 * r.get("hand_frac_gemm_shape", float("nan")), 1),
             f"{fmt(r['compile_hand_s'], 2)}/{fmt(r['compile_ad_s'], 2)} s",
@@ -489,15 +502,16 @@ def write(prefix, rows, study, peak, peak_per, env, args, elapsed):
         md.append("- load average at end (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     md += [f"- wall time of the run: {elapsed:.0f} s",
            "- the machine was shared with other developers' jobs during the run: absolute times are noisy; "
-           "each ratio is a median over pairs of back-to-back blocks (hand, jax.grad, PyTorch, GEMM, order "
-           "rotating), which cancels most of the drift",
-           f"- GEMM peak (square float32 jnp.dot, median GFLOP/s, best of sizes): {peak:.1f} GFLOP/s ("
-           + ", ".join(f"n={n}: {g:.1f}" for n, g in peak_per.items()) + ")",
+           "each ratio is a median over rounds of back-to-back blocks (PyTorch and the GEMMs rotating, then "
+           "hand and jax.grad adjacent in alternating order), which cancels most of the drift",
+           f"- GEMM peak at the start (square float32 jnp.dot, median GFLOP/s, best of sizes): {peak:.1f} GFLOP/s ("
+           + ", ".join(f"n={n}: {g:.1f}" for n, g in peak_per.items()) + "); the `% peak` of each size is "
+           f"against an n={max(peak_per)} GEMM timed in the same rounds as that size's steps",
            "", "## Targets", ""]
     md += targets(rows, study)
     md += ["", "## Steps", "", "Ratios < 1: the hand-written step is faster. `% peak`: step GFLOP/s (GEMM flops, "
-           "analytic) over the GEMM peak; `% GEMM@shape`: over a (B, W) @ (W, W) GEMM timed interleaved "
-           "with the steps. Memory: arguments + outputs - donated (aliased) + temporaries, from XLA's compiled memory analysis.", "",
+           "analytic) over the GFLOP/s of a square GEMM (`peak`) timed in the same interleaved rounds; "
+           "`% GEMM@shape`: over a (B, W) @ (W, W) GEMM timed the same way. Memory: arguments + outputs - donated (aliased) + temporaries, from XLA's compiled memory analysis.", "",
            table(rows)]
     if study:
         md += ["", "## Compile time: repeat (lax.scan) vs serial (unrolled), hand-written step", "",
@@ -566,14 +580,14 @@ def main(argv=None):
         pairs = args.pairs if (kind == "cnn" or mlp_flops(b, w, d) < 2e10) else max(4, args.pairs // 2)
         try:
             r = bench_size(kind, b, w, d, pairs=pairs, min_block_s=args.min_block_s,
-                           use_torch=use_torch, use_repeat=rep, mixed=args.mixed)
+                           use_torch=use_torch, use_repeat=rep, mixed=args.mixed, peak_n=peak_sizes[-1])
         except Exception as e:                   # a layer from another issue may not be ready
             if kind != "cnn":
                 raise
             print(f"cnn row skipped: {type(e).__name__}: {e}", flush=True)
             continue
-        r["peak_gflops"] = peak
-        r["hand_frac_peak"] = r["hand_gflops"] / peak
+        r.setdefault("peak_gflops", peak)
+        r.setdefault("hand_frac_peak", r["hand_gflops"] / peak)
         rows.append(r)
         print(f"{r['kind']:10s} B={b:5d} W={w:5d} D={d}  hand {r['hand_ms']:9.3f} ms  ad {r['ad_ms']:9.3f} ms  "
               f"hand/ad {r['hand_over_ad_med']:.3f} [{r['hand_over_ad_q25']:.3f}, {r['hand_over_ad_q75']:.3f}]  "
@@ -590,7 +604,6 @@ def main(argv=None):
                               repeats=1 if args.quick else 3)
         for s in study:
             print(f"compile {s['variant']:9s} depth {s['depth']:3d}: {s['compile_s']:.2f} s", flush=True)
-        # the repeat study ends in hi-depth serial; re-measure the GEMM peak at the end too
     end_peak, _ = gemm_peak(peak_sizes[-1:], 3, args.min_block_s)
     env.append(f"- GEMM peak re-measured at the end: {end_peak:.1f} GFLOP/s")
     csv_path, md_path = write(args.prefix, rows, study, peak, peak_per, env, argv,
