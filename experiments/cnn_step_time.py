@@ -30,7 +30,7 @@ from jaxprop import autodiff
 from jaxprop.models import build_model
 from jaxprop.train import make_train_step
 
-BEST = "cnn:c32k5-bn-relu-c32k5-bn-relu-c32k5-bn-relu-c32k5-bn-relu-gap:pad=circular:shift=4"
+BEST = "cnn:c32k5-bn-relu-c32k5-bn-relu-c32k5-bn-relu-c32k5-bn-relu-gap:pad=same"
 
 
 def main(argv=None):
