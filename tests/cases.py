@@ -73,19 +73,15 @@ CASES.append(Case("repeat", lambda: jp.repeat(jp.serial(jp.dense(5), jp.tanh()),
                   fd=False))
 
 # CNN layers (issue #5): every conv/pool/norm layer and mode once, with odd sizes, strides that do not
-# divide the input, dilation with stride, groups. More configurations, ties and the batch-norm state
-# update are in tests/test_conv.py, test_pooling.py and test_norm.py (jitted, to keep the suite fast).
+# divide the input, dilation with stride, groups. More configurations (circular padding, depthwise,
+# 1-D/2-D pooling variants), ties and the batch-norm state update are in tests/test_conv.py,
+# test_pooling.py and test_norm.py (jitted: the eager checks here compile op by op and cost ~10 s each).
 CNN_CASES = [
     Case("conv1d", lambda: jp.conv1d(4, 3, stride=2, dilation=2, groups=2), (2, 13, 2), bad_shape=(2, 13, 3)),
-    Case("conv1d_circular_depthwise", lambda: jp.conv1d(6, 4, stride=3, padding="CIRCULAR", groups=3, bias=False),
-         (2, 10, 3)),
     Case("conv2d", lambda: jp.conv2d(3, (3, 2), stride=(2, 3), padding=((1, 0), (2, 1)), dilation=(2, 1)),
          (2, 9, 8, 2), bad_shape=(2, 9, 8, 3)),
-    Case("max_pool", lambda: jp.max_pool(3, 2, "SAME"), (2, 10, 3), bad_shape=(2, 10)),
-    Case("max_pool2d", lambda: jp.max_pool((2, 3), (2, 1), ((1, 0), (0, 2))), (2, 7, 6, 2)),
+    Case("max_pool", lambda: jp.max_pool((3, 2), (2, 1), ((1, 0), (0, 1))), (2, 7, 6, 2), bad_shape=(2, 7)),
     Case("avg_pool", lambda: jp.avg_pool(3, 2, "SAME"), (2, 10, 3), bad_shape=(2, 10)),
-    Case("avg_pool2d_include_pad", lambda: jp.avg_pool(3, 2, ((1, 1), (1, 2)), count_include_pad=True),
-         (2, 6, 7, 2)),
     Case("global_avg_pool", jp.global_avg_pool, (2, 4, 5, 3), bad_shape=(2, 5)),
     Case("batch_norm", lambda: jp.batch_norm(0.8), (3, 5, 4), ctx={"train": True}, bad_shape=(3, 5, 3)),
     Case("batch_norm_eval", lambda: jp.batch_norm(), (3, 5, 4),
