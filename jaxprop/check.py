@@ -119,7 +119,7 @@ def _compare(title, objective, hand, params, x, *, fd, seed, rtol=None):
     tol = rtol if rtol is not None else tolerance(dtype)
     x_is_float = _is_float(x)
     argnums = (0, 1) if x_is_float else (0,)
-    ref = jax.grad(objective, argnums=argnums)(params, x)
+    ref = jax.jit(jax.grad(objective, argnums=argnums))(params, x)   # jitted: one compile, not op by op
     hand_tree = {"params": hand[0], "input": hand[1]} if x_is_float else {"params": hand[0]}
     ref_tree = {"params": ref[0], "input": ref[1]} if x_is_float else {"params": ref[0]}
     h_leaves = jax.tree_util.tree_flatten_with_path(hand_tree)[0]
@@ -152,6 +152,7 @@ def _finite_differences(objective, hand_tree, params, x, x_is_float, seed):
         leaves, treedef = jax.tree_util.tree_flatten(tree64)
         hand_leaves = jax.tree_util.tree_leaves(hand_tree)
 
+        @jax.jit
         def obj(ls):
             t = jax.tree_util.tree_unflatten(treedef, ls)
             return objective(t["params"], t["input"] if x_is_float else x64)
@@ -212,8 +213,8 @@ def check_layer(layer: Layer, params, x, *, dy=None, key=None, state=None, train
     ``<dy, forward(params, x)>``, whose gradient is exactly the VJP.
     """
     ctx = dict(key=key, train=train, state=state)
-    y, _ = call_forward(layer, params, x, **ctx)
     if dy is None:
+        y = jax.eval_shape(lambda p, xx: call_forward(layer, p, xx, **ctx)[0], params, x)
         dy = jax.random.normal(jax.random.key(seed + 1), y.shape, y.dtype)
 
     def hand_fn(p, xx, d):

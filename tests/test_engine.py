@@ -57,12 +57,12 @@ def test_issue_example():
     dy = jax.random.normal(jax.random.key(3), y.shape)
     grads_, dx = net.backward(cache, dy)
     assert dx.shape == x.shape
-    report = jp.check_gradients(net, loss, params, x, labels)
+    report = jp.check_gradients(net, loss, params, x, labels, jit=True)
     assert report.ok, str(report)
     assert "OK" in str(report) and "['params'][0]['w']" in str(report)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(depth=st.integers(1, 6), widths=st.lists(st.integers(1, 9), min_size=6, max_size=6),
        acts=st.lists(st.sampled_from(sorted(ACTIVATIONS)), min_size=6, max_size=6),
        loss_name=st.sampled_from(sorted(LOSSES)), batch=st.integers(1, 7),
@@ -77,8 +77,8 @@ def test_random_architectures_match_autodiff(depth, widths, acts, loss_name, bat
     _, params = net.init(k1, (batch, n_in))
     x = jax.random.normal(k2, (batch, n_in))
     y = data_for(loss_name, k3, batch, widths[-1], x.dtype)
-    value, grads = jp.value_and_grad(net, loss)(params, x, y)
-    ref_value, ref_grads = autodiff_value_and_grad(net, loss)(params, x, y)
+    value, grads = jax.jit(jp.value_and_grad(net, loss))(params, x, y)
+    ref_value, ref_grads = jax.jit(autodiff_value_and_grad(net, loss))(params, x, y)
     np.testing.assert_allclose(value, ref_value, rtol=1e-12, atol=1e-300)
     assert max_rel_err(grads, ref_grads) <= 1e-9
 

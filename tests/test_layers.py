@@ -40,29 +40,29 @@ def test_backward_matches_autodiff(case, dtype, jit):
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_grads_have_params_structure(case):
     layer, params, x, ctx = setup(case, jnp.float64)
-    y, cache = jp.call_forward(layer, params, x, **ctx)
+    # forward and backward as two separate jitted functions: the cache crosses a jit boundary
+    y, cache = jax.jit(lambda p, xx: jp.call_forward(layer, p, xx, **ctx))(params, x)
     out_shape = jp.output_shape(layer, case.in_shape)
     assert y.shape == out_shape
     dy = jax.random.normal(jax.random.key(3), y.shape, y.dtype)
-    grads, dx = layer.backward(cache, dy)
+    grads, dx = jax.jit(layer.backward)(cache, dy)
     assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
     assert dx.shape == x.shape and dx.dtype == x.dtype
-    # the cache crosses a jit boundary: arrays only
     assert all(isinstance(a, jax.Array) for a in jax.tree_util.tree_leaves(cache))
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_custom_vjp_bridge(case):
     layer, params, x, ctx = setup(case, jnp.float64)
-    f = jp.as_custom_vjp(layer, **ctx)
+    f = jax.jit(jp.as_custom_vjp(layer, **ctx))
     jax.test_util.check_vjp(f, lambda p, xx: jax.vjp(f, p, xx), (params, x), atol=1e-6, rtol=1e-6, eps=1e-5)
-    # and its VJP is exactly the hand-written backward
+    # and its VJP is the hand-written backward
     y, cache = jp.call_forward(layer, params, x, **ctx)
     dy = jax.random.normal(jax.random.key(5), y.shape, y.dtype)
-    g_bridge = jax.vjp(f, params, x)[1](dy)
+    g_bridge = jax.jit(lambda p, xx, d: jax.vjp(f, p, xx)[1](d))(params, x, dy)
     g_hand = layer.backward(cache, dy)
     for a, b in zip(jax.tree_util.tree_leaves(g_bridge), jax.tree_util.tree_leaves(g_hand)):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14 * float(jnp.max(jnp.abs(b)) + 1))
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.bad_shape], ids=str)

@@ -65,7 +65,7 @@ def test_build_model_specs():
     assert [p["w"].shape for p in params if p] == [(40, 100), (100, 100), (100, 10)]
     assert "relu" in net.name and not net.stochastic
     assert models.build_model("mlp:8:tanh:dropout=0.5:init=he", 3).stochastic
-    for bad, msg in [("cnn:3", "unknown model 'cnn'"), ("mlp", "hidden widths"),
+    for bad, msg in [("rnn:3", "unknown model 'rnn'"), ("mlp", "hidden widths"),
                      ("mlp:a-b", "integers"), ("mlp:8:swish", "unknown activation"),
                      ("mlp:8:relu:p=1", "unknown option")]:
         with pytest.raises(ValueError, match=msg):
