@@ -30,6 +30,28 @@ _NAME = re.compile(r"^ckpt-(\d{9})\.npz$")
 _META = "__meta__"
 
 
+def atomic_write(path: str, write, *, binary: bool = False, prefix: str = ".tmp-"):
+    """Write a file so that a kill at any moment leaves the old file or the new
+    one, never a torn one: ``write(f)`` fills a temp file in the same folder,
+    which is flushed, ``fsync``-ed and ``os.replace``-d onto ``path``. The
+    only trace a kill can leave is a stray ``.tmp-*`` file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=os.path.splitext(path)[1], dir=folder)
+    try:
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def path_for(directory: str, step: int) -> str:
     return os.path.join(directory, f"ckpt-{int(step):09d}.npz")
 
@@ -90,19 +112,7 @@ def save(directory: str, step: int, trees: Dict[str, Any], meta: Optional[dict] 
     arrays[_META] = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
 
     final = path_for(directory, step)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-ckpt-", suffix=".npz", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(final, lambda f: np.savez(f, **arrays), binary=True, prefix=".tmp-ckpt-")
     _fsync_dir(directory)
     if keep > 0:
         for old in list_steps(directory)[:-keep]:

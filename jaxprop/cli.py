@@ -26,14 +26,14 @@ only process 0 writes the run folder.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import re
 import sys
-import tempfile
 import time
 from typing import Optional
+
+from jaxprop import checkpoint as ckpt
 
 #: Per data set defaults: MNIST-1D the paper's MLP recipe, digits chosen on a validation
 #: split of the training set, the others fixed in advance (see docs/training.md).
@@ -209,20 +209,10 @@ def default_out(cfg: dict) -> str:
 
 
 def write_json_atomic(path: str, obj):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    def write(f):
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    ckpt.atomic_write(path, write)
 
 
 def plot_learning_curves(rows: list, path: str, title: str = "", eval_name: str = "test") -> Optional[str]:

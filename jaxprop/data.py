@@ -34,7 +34,6 @@ import importlib
 import json
 import os
 import random
-import tempfile
 from typing import Callable, Dict, Optional
 
 import numpy as np
@@ -149,22 +148,9 @@ def _classification(name, x_tr, y_tr, x_te, y_te, n_classes, normalisation):
 
 def _atomic_savez(path: str, **arrays):
     """np.savez to a temp file in the same folder, fsync, rename."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from jaxprop.checkpoint import atomic_write
+    atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
 
-
-# --------------------------------------------------------------------------- data sets
 
 def mnist1d(seed: Optional[int] = None) -> Dataset:
     """MNIST-1D (Greydanus 2020): 10 classes of length-40 signals, 4000 train / 1000 test.

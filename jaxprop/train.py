@@ -27,10 +27,8 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Optional, Union
 
@@ -254,19 +252,7 @@ def read_jsonl(path: str) -> list:
 
 
 def _write_jsonl_atomic(path: str, rows: list):
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    ckpt.atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in rows))
 
 
 # --------------------------------------------------------------------------- fit
