@@ -157,3 +157,13 @@ def test_integer_predictions_rejected():
 def test_bad_label_smoothing():
     with pytest.raises(ValueError, match="label_smoothing"):
         jp.softmax_cross_entropy(label_smoothing=1.5)
+
+
+def test_bce_gradient_at_exactly_zero_logit():
+    """z = 0 exactly (e.g. behind a dead relu): dz = (sigmoid(0) - t)/N = 0.5 - t, and the
+    autodiff reference of the forward must agree (a max/abs formulation gets 0 there)."""
+    loss = jp.sigmoid_binary_cross_entropy()
+    z, t = jnp.zeros((2, 1)), jnp.array([[0.0], [1.0]])
+    dz = loss.backward(loss.forward(z, t)[1])
+    np.testing.assert_array_equal(dz, jnp.array([[0.25], [-0.25]]))
+    np.testing.assert_array_equal(jax.grad(lambda a: loss.forward(a, t)[0])(z), dz)
