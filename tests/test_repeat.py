@@ -12,21 +12,9 @@ import pytest
 
 import jaxprop as jp
 from jaxprop.core import Layer
+from helpers import init_params
 
 N_BLOCKS = 4
-
-
-def init_params(layer, key, in_shape):
-    """layer.init under one jit (eager init dispatches, and compiles, op by op)."""
-    box = []
-
-    def run(k):
-        out_shape, params = layer.init(k, in_shape)
-        box.append(tuple(out_shape))
-        return params
-
-    params = jax.jit(run)(key)
-    return box[0], params
 
 
 def dense_relu(w=6):
