@@ -183,7 +183,7 @@ _ACTIVATIONS = {"sigmoid": sigmoid, "tanh": tanh, "relu": relu}
 ACTIVATION_COSTS = {
     "sigmoid": dict(forward=(0, 0, 1), backward=(2, 1, 0), tangent=(2, 1, 0), deriv=(1, 1, 0)),
     "tanh": dict(forward=(0, 0, 1), backward=(2, 1, 0), tangent=(2, 2, 0), deriv=(1, 1, 0)),
-    "relu": dict(forward=(0, 0, 2), backward=(0, 0, 2), tangent=(0, 0, 1), deriv=(0, 0, 1)),
+    "relu": dict(forward=(0, 0, 2), backward=(0, 0, 1), tangent=(0, 0, 1), deriv=(0, 0, 1)),
 }
 
 
@@ -485,7 +485,7 @@ def backprop_ops(model: MLP, n: int = 1) -> OpCount:
     r"""jp.value_and_grad's gradient: forward, loss backward, reverse sweep::
 
         forward (no loss tail)  + N n_L add (r = Y - T) + N n_L + 2 mul (dY = (2/N) r)
-        per activation element  (2 mul + 1 add) sigmoid/tanh, 2 other relu (y > 0, where)
+        per activation element  (2 mul + 1 add) sigmoid/tanh, 1 other relu (where on the cached mask)
         per dense layer k       dW: N I O mul, (N-1) I O add;  db: b (N-1) O add
                                 dX (k >= 1 only): N I O mul, N I (O-1) add
 

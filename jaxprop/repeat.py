@@ -19,7 +19,8 @@ The result equals ``serial`` of the same blocks with the same parameters.
 
 Memory: forward caches are stacked, one slice per step. A block's cache
 entry that *is* one of its parameters (dense caches ``w``), its input
-(dense caches x) or its output (relu caches y) is not copied into the stack:
+(dense caches x) or its output (``relu(save="output")`` caches y) is not
+copied into the stack:
 the stacked parameters are kept once, the step inputs x_0..x_{n-1} once
 (x_k is the output of step k and the input of step k + 1), and each slice
 is put back before that step's backward.

@@ -46,6 +46,7 @@ CASES = [
     Case("sigmoid", jp.sigmoid, (4, 6)),
     Case("tanh", jp.tanh, (4, 6)),
     Case("relu", jp.relu, (5, 6), x_fn=away_from_zero),
+    Case("relu_save_output", lambda: jp.relu(save="output"), (5, 6), x_fn=away_from_zero),
     Case("leaky_relu", lambda: jp.leaky_relu(0.1), (5, 6), x_fn=away_from_zero),
     Case("elu", lambda: jp.elu(0.7), (5, 6), x_fn=away_from_zero),
     Case("softplus", jp.softplus, (4, 6)),

@@ -85,3 +85,22 @@ def test_wrong_dy_shape_rejected(case):
     bad = jnp.zeros(y.shape[:-1] + (y.shape[-1] + 1,))
     with pytest.raises(ValueError, match="expected dy of shape"):
         layer.backward(cache, bad)
+
+
+@pytest.mark.parametrize("save", ["mask", "output"])
+def test_relu_gradient_at_exact_zero_matches_jax_nn_relu(save):
+    """x = 0 exactly: jax.nn.relu's gradient is 0 there (jnp.maximum's would be 0.5)."""
+    layer = jp.relu(save=save)
+    x = jnp.array([[-1.5, 0.0, 2.0], [0.0, 3.0, -0.0]])
+    dy = jnp.array([[0.7, -1.3, 0.4], [2.1, -0.6, 0.9]])
+    y, cache = layer.forward((), x)
+    _, dx = layer.backward(cache, dy)
+    _, vjp = jax.vjp(jax.nn.relu, x)
+    np.testing.assert_array_equal(y, jax.nn.relu(x))
+    np.testing.assert_array_equal(dx, vjp(dy)[0])
+    np.testing.assert_array_equal(dx, jnp.array([[0.0, 0.0, 0.4], [0.0, -0.6, 0.0]]))
+
+
+def test_relu_rejects_unknown_save():
+    with pytest.raises(ValueError, match="relu: save must be 'mask' or 'output', got 'x'"):
+        jp.relu(save="x")

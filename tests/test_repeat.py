@@ -146,14 +146,25 @@ def test_stateful_block_states_match_serial():
     assert float(jnp.abs(ns_r[1]["mean"]).max()) > 0     # the state did move
 
 
-def test_cache_keeps_weights_once():
-    rep = jp.repeat(dense_relu(16), 8)
+def _step_cache(block, n=8):
+    rep = jp.repeat(block, n)
     params = jax.eval_shape(lambda k: rep.init(k, (4, 16))[1], jax.random.key(0))
     cache = jax.eval_shape(lambda p: rep.forward(p, jnp.ones((4, 16)))[1], params)
-    shapes = [leaf.shape for leaf in jax.tree_util.tree_leaves(cache["steps"])]
+    return cache, [(leaf.shape, leaf.dtype) for leaf in jax.tree_util.tree_leaves(cache["steps"])]
+
+
+def test_cache_keeps_weights_once():
+    cache, leaves = _step_cache(jp.serial(jp.dense(16), jp.relu(save="output")))
+    shapes = [s for s, _ in leaves]
     assert (8, 16, 16) not in shapes, shapes        # no per-step copy of w
     assert shapes.count((8, 4, 16)) == 0, shapes    # dense's x and relu's y are not stacked ...
     assert cache["inputs"].shape == (8, 4, 16)      # ... the step inputs are, once
+
+
+def test_default_relu_stacks_a_boolean_mask():
+    _, leaves = _step_cache(dense_relu(16))
+    stacked = [(s, d) for s, d in leaves if s == (8, 4, 16)]
+    assert stacked == [((8, 4, 16), jnp.dtype(bool))], leaves   # one byte per unit, not a float copy
 
 
 def _hlo_lines(n):
