@@ -64,9 +64,14 @@ LR = 1e-3
 # ----------------------------------------------------------------------------- models
 
 def mlp(width: int, depth: int, *, use_repeat: bool = False) -> jp.Layer:
-    """depth x (dense(width), relu), then dense(10). Input features = width."""
-    block = lambda: jp.serial(jp.dense(width), jp.relu())
-    body = jp.repeat(block(), depth) if use_repeat else jp.serial(*[block() for _ in range(depth)])
+    """depth x (dense(width), relu), then dense(10). Input features = width.
+
+    serial uses relu's default cache (the mask); repeat blocks use
+    ``relu(save="output")``, which its loop stores without a per-step copy."""
+    if use_repeat:
+        body = jp.repeat(jp.serial(jp.dense(width), jp.relu(save="output")), depth)
+    else:
+        body = jp.serial(*[jp.serial(jp.dense(width), jp.relu()) for _ in range(depth)])
     return jp.serial(body, jp.dense(N_CLASSES))
 
 
@@ -188,6 +193,23 @@ def torch_available():
         return True
     except Exception:
         return False
+
+
+class TorchGemmContestant:
+    """torch.mm of the given shape (float32): PyTorch's GEMM library against XLA's."""
+
+    def __init__(self, m, k, n):
+        import torch
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.randn(m, k, generator=g)
+        self.b = torch.randn(k, n, generator=g)
+        self.flops = 2 * m * k * n
+        torch.mm(self.a, self.b)
+
+    def run(self, k):
+        import torch
+        for _ in range(k):
+            torch.mm(self.a, self.b)
 
 
 class TorchContestant:
@@ -324,6 +346,8 @@ def bench_size(kind, batch, width, depth, *, pairs, min_block_s, use_torch, use_
         contestants["torch"] = TorchContestant(kind, batch, width, depth, seed)
     if gemm_ref and kind == "mlp":
         contestants["gemm"] = GemmContestant(batch, width, width)
+        if use_torch:                             # the same GEMM in PyTorch: which library is faster
+            contestants["torch_gemm"] = TorchGemmContestant(batch, width, width)
     if peak_n:                                    # the GEMM peak, timed in the same rounds
         contestants["peak"] = GemmContestant(peak_n, peak_n, peak_n)
     ks = {n: calibrate(c, min_block_s) for n, c in contestants.items()}
@@ -348,6 +372,9 @@ def bench_size(kind, batch, width, depth, *, pairs, min_block_s, use_torch, use_
     if "gemm" in times:
         row["gemm_shape_gflops"] = contestants["gemm"].flops / med["gemm"] / 1e9
         row["hand_frac_gemm_shape"] = row["hand_gflops"] / row["gemm_shape_gflops"]
+    if "torch_gemm" in times:
+        row["torch_gemm_shape_gflops"] = contestants["torch_gemm"].flops / med["torch_gemm"] / 1e9
+        row["xla_gemm_over_torch_gemm_med"] = ratio_stats(times["gemm"], times["torch_gemm"])["med"]
     if "peak" in times:
         row["peak_gflops"] = contestants["peak"].flops / med["peak"] / 1e9
         row["hand_frac_peak"] = row["hand_gflops"] / row["peak_gflops"]
@@ -391,7 +418,8 @@ COLUMNS = ["kind", "batch", "width", "depth", "gflop_per_step", "hand_ms", "ad_m
            "hand_over_ad_med", "hand_over_ad_q25", "hand_over_ad_q75", "hand_over_ad_min", "hand_over_ad_max",
            "hand_over_torch_med", "hand_over_torch_q25", "hand_over_torch_q75", "hand_over_torch_min",
            "hand_over_torch_max", "hand_gflops", "ad_gflops", "peak_gflops", "hand_frac_peak",
-           "gemm_shape_gflops", "hand_frac_gemm_shape", "compile_hand_s", "compile_ad_s", "compile_hand_over_ad",
+           "gemm_shape_gflops", "hand_frac_gemm_shape", "torch_gemm_shape_gflops", "xla_gemm_over_torch_gemm_med",
+           "compile_hand_s", "compile_ad_s", "compile_hand_over_ad",
            "mem_hand_mb", "mem_ad_mb", "mem_hand_over_ad", "xla_peak_hand_mb", "xla_peak_ad_mb", "xla_gflop_hand", "xla_gflop_ad", "loss_rel_diff",
            "steps_per_block", "pairs", "bf16_ms", "bf16_over_hand_med", "bf16_over_hand_q25",
            "bf16_over_hand_q75", "mem_bf16_mb"]
@@ -406,7 +434,7 @@ def fmt(v, nd=3):
 
 
 def table(rows):
-    head = ["size (kind B W D)", "hand ms", "hand/jax.grad med [q25, q75] (min-max)", "hand/torch med [q25, q75]",
+    head = ["size (kind B W D)", "hand ms", "hand/jax.grad med [q25, q75] (min-max)", "hand/torch med [q25, q75]", "GEMM@shape XLA/torch",
             "hand GFLOP/s", "peak GFLOP/s", "% peak", "% GEMM@shape", "compile hand/ad", "mem MB hand/ad", "bf16/f32 hand med"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -416,7 +444,7 @@ def table(rows):
         th = ("-" if "hand_over_torch_med" not in r else
               f"{fmt(r['hand_over_torch_med'])} [{fmt(r['hand_over_torch_q25'])}, {fmt(r['hand_over_torch_q75'])}]")
         lines.append("| " + " | ".join([
-            size, fmt(r["hand_ms"], 2), ad, th, fmt(r["hand_gflops"], 1), fmt(r.get("peak_gflops"), 1),
+            size, fmt(r["hand_ms"], 2), ad, th, fmt(r.get("xla_gemm_over_torch_gemm_med")), fmt(r["hand_gflops"], 1), fmt(r.get("peak_gflops"), 1),
             fmt(100 * r.get("hand_frac_peak", float("nan")), 1),
             fmt(100 * r.get("hand_frac_gemm_shape", float("nan")), 1),
             f"{fmt(r['compile_hand_s'], 2)}/{fmt(r['compile_ad_s'], 2)} s",
@@ -434,6 +462,12 @@ def targets(rows, study):
                f"{worst[0]:.3f} at {worst[1]['kind']} B={worst[1]['batch']} W={worst[1]['width']} "
                f"D={worst[1]['depth']}; {sum(m <= 1.0 for m, _ in med)}/{len(med)} sizes <= 1.00 -> "
                f"{'met' if worst[0] <= 1.0 else 'NOT met'}")
+    slower = [r for _, r in med if r["hand_over_ad_q25"] > 1.0]
+    faster = [r for _, r in med if r["hand_over_ad_q75"] < 1.0]
+    out.append(f"  - of those, clearly slower (the whole interquartile range above 1.00): {len(slower)}"
+               + (" (" + ", ".join(f"B={r['batch']} W={r['width']} D={r['depth']} {r['hand_over_ad_med']:.3f}"
+                                   for r in slower) + ")" if slower else "")
+               + f"; clearly faster (range below 1.00): {len(faster)}; the rest are ties within the spread")
     big = [r for r in rows if r["kind"] == "mlp" and r["batch"] == 1024 and r["width"] >= 1024]
     if big:
         lo = min(big, key=lambda r: r["hand_frac_peak"])
@@ -447,7 +481,9 @@ def targets(rows, study):
         w = max(tr, key=lambda t: t[0])
         out.append(f"- hand / PyTorch eager <= 1.00 at every size: worst {w[0]:.3f} at {w[1]['kind']} "
                    f"B={w[1]['batch']} W={w[1]['width']} D={w[1]['depth']}; {sum(m <= 1.0 for m, _ in tr)}/"
-                   f"{len(tr)} sizes <= 1.00 -> {'met' if w[0] <= 1.0 else 'NOT met'}")
+                   f"{len(tr)} sizes <= 1.00 -> {'met' if w[0] <= 1.0 else 'NOT met'}"
+                   + (f" (there XLA's GEMM of the step's shape takes {w[1]['xla_gemm_over_torch_gemm_med']:.3f}x "
+                      "PyTorch's time)" if "xla_gemm_over_torch_gemm_med" in w[1] else ""))
     else:
         out.append("- hand / PyTorch eager: PyTorch not installed, not measured")
     if study:
@@ -511,7 +547,8 @@ def write(prefix, rows, study, peak, peak_per, env, args, elapsed):
     md += targets(rows, study)
     md += ["", "## Steps", "", "Ratios < 1: the hand-written step is faster. `% peak`: step GFLOP/s (GEMM flops, "
            "analytic) over the GFLOP/s of a square GEMM (`peak`) timed in the same interleaved rounds; "
-           "`% GEMM@shape`: over a (B, W) @ (W, W) GEMM timed the same way. Memory: arguments + outputs - donated (aliased) + temporaries, from XLA's compiled memory analysis.", "",
+           "`% GEMM@shape`: over a (B, W) @ (W, W) GEMM timed the same way; `GEMM@shape XLA/torch`: "
+           "median paired time ratio of that GEMM in XLA (`jnp.dot`) and in PyTorch (`torch.mm`), timed in the same rounds. Memory: arguments + outputs - donated (aliased) + temporaries, from XLA's compiled memory analysis.", "",
            table(rows)]
     if study:
         md += ["", "## Compile time: repeat (lax.scan) vs serial (unrolled), hand-written step", "",
