@@ -328,6 +328,7 @@ def bench_size(kind, batch, width, depth, *, pairs, min_block_s, use_torch, use_
         compiled, secs, peak, xla_flops, xla_peak = compile_stats(make_step(fn, tx), (p, s, x, y))
         row[f"compile_{name}_s"] = secs
         row[f"mem_{name}_mb"] = peak / 2 ** 20
+        row[f"mem_{name}_bytes"] = int(peak)
         row[f"xla_peak_{name}_mb"] = xla_peak / 2 ** 20
         row[f"xla_gflop_{name}"] = xla_flops / 1e9
         contestants[name] = JaxContestant(compiled, p, s, x, y)
@@ -420,7 +421,7 @@ COLUMNS = ["kind", "batch", "width", "depth", "gflop_per_step", "hand_ms", "ad_m
            "hand_over_torch_max", "hand_gflops", "ad_gflops", "peak_gflops", "hand_frac_peak",
            "gemm_shape_gflops", "hand_frac_gemm_shape", "torch_gemm_shape_gflops", "xla_gemm_over_torch_gemm_med",
            "compile_hand_s", "compile_ad_s", "compile_hand_over_ad",
-           "mem_hand_mb", "mem_ad_mb", "mem_hand_over_ad", "xla_peak_hand_mb", "xla_peak_ad_mb", "xla_gflop_hand", "xla_gflop_ad", "loss_rel_diff",
+           "mem_hand_mb", "mem_ad_mb", "mem_hand_over_ad", "mem_hand_bytes", "mem_ad_bytes", "xla_peak_hand_mb", "xla_peak_ad_mb", "xla_gflop_hand", "xla_gflop_ad", "loss_rel_diff",
            "steps_per_block", "pairs", "bf16_ms", "bf16_over_hand_med", "bf16_over_hand_q25",
            "bf16_over_hand_q75", "mem_bf16_mb"]
 
@@ -485,7 +486,7 @@ def targets(rows, study):
                    + (f" (there XLA's GEMM of the step's shape takes {w[1]['xla_gemm_over_torch_gemm_med']:.3f}x "
                       "PyTorch's time)" if "xla_gemm_over_torch_gemm_med" in w[1] else ""))
     else:
-        out.append("- hand / PyTorch eager: PyTorch not installed, not measured")
+        out.append("- hand / PyTorch eager: not measured (--no-torch, or PyTorch not installed)")
     if study:
         by = {(s["variant"], s["depth"]): s for s in study}
         depths = sorted({s["depth"] for s in study})
@@ -494,21 +495,31 @@ def targets(rows, study):
             r = by[("repeat", hi_d)]["compile_s"] / by[("serial", lo_d)]["compile_s"]
             r2 = by[("repeat", hi_d)]["compile_s"] / by[("repeat", lo_d)]["compile_s"]
             out.append(f"- compile time of repeat(dense+relu, {hi_d}) <= 1.5x that of depth {lo_d}: "
-                       f"{r:.2f}x serial depth {lo_d}, {r2:.2f}x repeat depth {lo_d} -> "
-                       f"{'met' if r <= 1.5 else 'NOT met'}")
+                       f"{r:.2f}x serial depth {lo_d} -> {'met' if r <= 1.5 else 'NOT met'}; "
+                       f"{r2:.2f}x repeat depth {lo_d} (flat in depth) -> {'met' if r2 <= 1.5 else 'NOT met'}")
     mem = [(r["mem_hand_over_ad"], r) for r in rows]
     w = max(mem, key=lambda t: t[0])
-    out.append(f"- peak memory of the hand step <= jax.grad's at every size: worst ratio {w[0]:.3f} at "
-               f"{w[1]['kind']} B={w[1]['batch']} W={w[1]['width']} D={w[1]['depth']} -> "
-               f"{'met' if w[0] <= 1.0 else 'NOT met'}")
+    diffs = [r["mem_hand_bytes"] - r["mem_ad_bytes"] for r in rows]
+    larger = sorted({d for d in diffs if d > 0})
+    out.append(f"- peak memory of the hand step <= jax.grad's at every size: worst ratio {w[0]:.6f} at "
+               f"{w[1]['kind']} B={w[1]['batch']} W={w[1]['width']} D={w[1]['depth']}; equal to the byte at "
+               f"{diffs.count(0)}/{len(rows)} sizes, smaller at {sum(d < 0 for d in diffs)}, larger at "
+               f"{sum(d > 0 for d in diffs)}" + (f" (by {', '.join(f'{d} B' for d in larger)})" if larger else "")
+               + f" -> {'met' if w[0] <= 1.0 else 'NOT met'}")
     return out
+
+
+def usable_cores():
+    """Cores this process may run on (``taskset`` restricts them), else the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def environment(use_torch):
     dev = jax.devices()[0]
     lines = [f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
              f"- jax {jax.__version__}, backend {jax.default_backend()}, device {dev.device_kind}, "
-             f"{os.cpu_count()} CPU cores, Python {platform.python_version()}, {platform.machine()}"]
+             f"{os.cpu_count()} CPU cores ({usable_cores()} usable by this process), "
+             f"Python {platform.python_version()}, {platform.machine()}"]
     if use_torch:
         import torch
         lines.append(f"- PyTorch {torch.__version__}, {torch.get_num_threads()} threads, "

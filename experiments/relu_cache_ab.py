@@ -81,8 +81,7 @@ def main(argv=None):
     ap.add_argument("--min-block-s", type=float, default=0.05)
     ap.add_argument("--out", help="append the Markdown table to this file")
     args = ap.parse_args(argv)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    head = (f"jax {jax.__version__}, {jax.default_backend()}, {cores} core(s) usable, {args.rounds} rounds, "
+    head = (f"jax {jax.__version__}, {jax.default_backend()}, {bm.usable_cores()} core(s) usable, {args.rounds} rounds, "
             f"load at start {os.getloadavg()[0]:.2f}")
     lines = [head, "", "| B W D | jax.grad ms | mask / jax.grad med [q25, q75] | output / jax.grad med [q25, q75] "
              "| memory mask / output vs jax.grad |", "|---|---|---|---|---|"]
