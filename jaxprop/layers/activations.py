@@ -94,9 +94,9 @@ def relu(save: str = "mask") -> Layer:
     runtime, which runs independent kernels concurrently, the smaller live
     set of ``"output"`` lets the buffer assignment reuse two slots for the
     whole backward chain, so each dW matmul must finish before the next
-    relu backward may overwrite its input: on 2 cores the step measured up to
-    1.2x slower than with ``"mask"``, and 0.94x on 1 core
-    (docs/performance.md). ``"output"`` is the choice where memory binds,
+    relu backward may overwrite its input: on 2 cores an MLP training step
+    measured up to 1.2x jax.grad's time with ``"output"`` (``"mask"``:
+    0.97-1.03x), and 0.94x on 1 core (docs/performance.md). ``"output"`` is the choice where memory binds,
     and inside ``repeat``, whose loop cannot keep x alive for free."""
     if save not in ("mask", "output"):
         raise ValueError(f"relu: save must be 'mask' or 'output', got {save!r}")
