@@ -9,24 +9,28 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxprop.core import Layer, Loss, call_forward
+from jaxprop.core import Layer, Loss, call_forward, call_loss
 
 
-def as_custom_vjp(obj, *, key=None, train=True, state=None):
+def as_custom_vjp(obj, **ctx):
     """Wrap a :class:`Layer` as ``f(params, x) -> y`` or a :class:`Loss` as
     ``f(pred, target) -> J``, with ``jax.custom_vjp`` rules
     ``fwd = forward`` and ``bwd = backward``.
 
-    For a layer, ``key``/``train``/``state`` are fixed for the wrapped
-    function (dropout's mask, batch norm's mode); the new state of a
-    stateful layer is not returned (use ``jp.call_forward`` for that).
-    For a loss, integer labels get no cotangent; float targets get the
-    loss's hand-written ``backward_target``.
+    For a layer, ``ctx`` is the forward context, fixed for the wrapped
+    function (``key=`` for dropout's mask, ``train=``/``state=`` for batch
+    norm's mode, or any keyword a layer declares, through
+    :func:`jaxprop.call_forward`); the new state of a stateful layer is not
+    returned (use ``jp.call_forward`` for that). A non-float input (token
+    ids) gets no cotangent (the backward's ``dx = None``).
+    For a loss, ``ctx`` holds the loss's keywords (e.g. ``where=``); integer
+    labels get no cotangent; float targets get the loss's hand-written
+    ``backward_target``.
     """
     if isinstance(obj, Layer):
-        return _layer_vjp(obj, dict(key=key, train=train, state=state))
+        return _layer_vjp(obj, ctx)
     if isinstance(obj, Loss):
-        return _loss_vjp(obj)
+        return _loss_vjp(obj, ctx)
     raise TypeError(f"as_custom_vjp: expected a jaxprop Layer or Loss, got {type(obj).__name__}")
 
 
@@ -45,13 +49,13 @@ def _layer_vjp(layer, ctx):
     return f
 
 
-def _loss_vjp(loss):
+def _loss_vjp(loss, kw):
     @jax.custom_vjp
     def f(pred, target):
-        return loss.forward(pred, target)[0]
+        return call_loss(loss, pred, target, **kw)[0]
 
     def fwd(pred, target):
-        value, cache = loss.forward(pred, target)
+        value, cache = call_loss(loss, pred, target, **kw)
         return value, (cache, jnp.zeros((0,), jnp.result_type(target)))   # token: target's dtype
 
     def bwd(res, dvalue):

@@ -1,7 +1,9 @@
 """Verification: hand-written gradients against ``jax.grad`` and finite differences.
 
 This module (with the custom_vjp bridge) is the only place where jaxprop
-calls autodiff; it is the reference, never the gradient path.
+calls autodiff; it is the reference, never the gradient path. The hand side
+of :func:`check_gradients` *is* the training sweep,
+:func:`jaxprop.grad.forward_backward`, so what is checked is what trains.
 
 * Primary reference: ``jax.grad`` / ``jax.vjp`` of the same forward, in the
   input's dtype (exact up to rounding).
@@ -10,7 +12,10 @@ calls autodiff; it is the reference, never the gradient path.
   ``<grad, v>``). It catches a wrong *forward* too, which autodiff would copy.
 
 Relative error of a leaf: ``max|hand - ref| / max(max|ref|, 1e-3 * global max|ref|)``.
-Tolerances depend on dtype (``TOLERANCES``).
+Tolerances depend on dtype (``TOLERANCES``). For an input that is not
+floating point (token ids) the backward returns ``dx = None`` and only the
+parameters are compared. Any forward context (``key=``, ``train=``,
+``state=``, ``mask=``, ...) passes through ``**ctx`` to the layers.
 """
 from __future__ import annotations
 
@@ -21,10 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprop.core import Layer, Loss, call_forward
+from jaxprop.core import Layer, Loss, call_forward, call_loss, check_dx, check_grads, is_floating
+from jaxprop.grad import forward_backward
 
 TOLERANCES = {"float64": 1e-9, "float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
 FD_TOLERANCE = 1e-6   # float64 central differences; max(FD_TOLERANCE, tol) for lower precision
+# check_layer's default cotangent is drawn from fold_in(key(seed), _COTANGENT_SALT): a key no user
+# picks for x (normal(key(seed + 1)) was bit-equal to an x drawn with key(1), README's own pattern,
+# so a backward that used x in place of dy passed).
+_COTANGENT_SALT = 0x6479   # "dy"
 
 
 def tolerance(dtype) -> float:
@@ -104,12 +114,8 @@ class GradientReport:
         return "\n".join(out)
 
 
-def _is_float(a) -> bool:
-    return jnp.issubdtype(jnp.result_type(a), jnp.floating)
-
-
 def _to64(tree):
-    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64) if _is_float(a) else a, tree)
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64) if is_floating(a) else a, tree)
 
 
 def _compare(title, objective, hand, params, x, *, fd, seed, rtol=None):
@@ -117,7 +123,9 @@ def _compare(title, objective, hand, params, x, *, fd, seed, rtol=None):
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params)) if jax.tree_util.tree_leaves(params) \
         else jnp.result_type(x)
     tol = rtol if rtol is not None else tolerance(dtype)
-    x_is_float = _is_float(x)
+    check_grads(title, hand[0], params)
+    check_dx(title, hand[1], x)
+    x_is_float = is_floating(x)
     argnums = (0, 1) if x_is_float else (0,)
     ref = jax.jit(jax.grad(objective, argnums=argnums))(params, x)   # jitted: one compile, not op by op
     hand_tree = {"params": hand[0], "input": hand[1]} if x_is_float else {"params": hand[0]}
@@ -175,47 +183,56 @@ def _finite_differences(objective, hand_tree, params, x, x_is_float, seed):
         return errs
 
 
-def check_gradients(net: Layer, loss: Loss, params, x, y, *, key=None, state=None, train=True,
-                    fd: bool = True, rtol: Optional[float] = None, jit: bool = False,
-                    seed: int = 0) -> GradientReport:
+def check_gradients(net: Layer, loss: Loss, params, x, y, *, fd: bool = True,
+                    rtol: Optional[float] = None, jit: bool = False, seed: int = 0, where=None,
+                    **ctx) -> GradientReport:
     """Compare ``jp.value_and_grad(net, loss)`` with ``jax.grad`` and finite differences.
 
+    The hand-written side is :func:`jaxprop.grad.forward_backward`, the sweep
+    that ``value_and_grad``, mixed precision and the train step run.
     Returns a :class:`GradientReport`: a row per parameter leaf (and one for
     the input ``x`` when it is floating point), ``report.ok`` the verdict.
     ``fd=False`` skips finite differences (they cost two forward passes per
     leaf, in float64). ``jit=True`` runs the hand-written path under jit.
+    ``where=`` goes to the loss; ``**ctx`` (``key=``, ``train=``, ``state=``,
+    ...) is the forward context.
     """
-    ctx = dict(key=key, train=train, state=state)
-
     def hand_fn(p, xx):
-        pred, cache = call_forward(net, p, xx, **ctx)
-        value, lcache = loss.forward(pred, y)
-        grads, dx = net.backward(cache, loss.backward(lcache, jnp.ones((), value.dtype)))
-        return grads, dx
+        sweep = forward_backward(net, loss, p, xx, y, where=where, **ctx)
+        return sweep.grads, sweep.dx
 
     def objective(p, xx):
-        yy = _to64(y) if _is_float(xx) and jnp.result_type(xx) == jnp.float64 else y
+        yy = _to64(y) if is_floating(xx) and jnp.result_type(xx) == jnp.float64 else y
         pred, _ = call_forward(net, p, xx, **ctx)
-        return loss.forward(pred, yy.astype(pred.dtype) if _is_float(yy) else yy)[0]
+        yy = yy.astype(pred.dtype) if is_floating(yy) else yy
+        return call_loss(loss, pred, yy, where=where)[0]
 
     hand = (jax.jit(hand_fn) if jit else hand_fn)(params, x)
     return _compare(f"check_gradients: {net.name} + {loss.name}", objective, hand, params, x,
                     fd=fd, seed=seed, rtol=rtol)
 
 
-def check_layer(layer: Layer, params, x, *, dy=None, key=None, state=None, train=True,
-                fd: bool = True, rtol: Optional[float] = None, jit: bool = False,
-                seed: int = 0) -> GradientReport:
+def default_cotangent(shape, dtype, seed: int = 0):
+    """The random normal cotangent ``check_layer`` uses when ``dy`` is not given:
+    drawn from ``fold_in(key(seed), 0x6479)``, a key no user would pick for x."""
+    key = jax.random.fold_in(jax.random.key(seed), _COTANGENT_SALT)
+    return jax.random.normal(key, tuple(shape), dtype)
+
+
+def check_layer(layer: Layer, params, x, *, dy=None, fd: bool = True, rtol: Optional[float] = None,
+                jit: bool = False, seed: int = 0, **ctx) -> GradientReport:
     """Compare ``layer.backward(cache, dy)`` with ``jax.vjp`` of ``layer.forward``.
 
     ``dy`` defaults to a random normal cotangent (never all ones: a uniform
-    cotangent hides bugs, e.g. in batch norm). The scalar checked is
-    ``<dy, forward(params, x)>``, whose gradient is exactly the VJP.
+    cotangent hides bugs, e.g. in batch norm), drawn from a key folded with a
+    constant so that it never equals an ``x`` drawn with ``key(seed + 1)``.
+    The scalar checked is ``<dy, forward(params, x)>``, whose gradient is
+    exactly the VJP. ``**ctx`` (``key=``, ``train=``, ``state=``, ...) is the
+    forward context. A non-float ``x`` (token ids) expects ``dx = None``.
     """
-    ctx = dict(key=key, train=train, state=state)
     if dy is None:
         y = jax.eval_shape(lambda p, xx: call_forward(layer, p, xx, **ctx)[0], params, x)
-        dy = jax.random.normal(jax.random.key(seed + 1), y.shape, y.dtype)
+        dy = default_cotangent(y.shape, y.dtype, seed)
 
     def hand_fn(p, xx, d):
         _, cache = call_forward(layer, p, xx, **ctx)

@@ -1,4 +1,4 @@
-"""The layer and loss records, and the few helpers every layer shares.
+"""The layer and loss records, the forward context, and the helpers every layer shares.
 
 Notation used in every docstring of jaxprop: for a cost J and any array ``a``
 of the computation, ``da`` is dJ/da, an array of the same shape as ``a``
@@ -8,23 +8,43 @@ and returns the gradients of its parameters and ``dx``.
 The layer protocol (see DESIGN.md, section 1)::
 
     out_shape, params = layer.init(key, in_shape)    # in_shape includes the batch axis
-    y, cache          = layer.forward(params, x)     # cache: arrays backward needs
+    y, cache          = layer.forward(params, x, **ctx)   # cache: arrays backward needs
     grads, dx         = layer.backward(cache, dy)    # grads: same pytree as params
 
-Two optional capabilities, declared on the record, keep simple layers simple:
+**The forward context is open.** ``ctx`` is any set of keywords: ``key=``
+(a PRNG key), ``train=`` (training or evaluation), ``state=`` (running
+statistics), and whatever a future layer reads (``mask=``, ``positions=``).
+:func:`call_forward` passes each layer exactly the keywords its ``forward``
+signature declares (all of them when it has ``**kwargs``), so a simple layer
+is ``forward(params, x)`` and never sees a keyword it does not use; dropout
+declares ``key=None, train=True``, batch norm ``state=None, train=True``.
+Combinators declare ``**ctx``: they split ``key`` into one key per child
+(when it is given and not None), hand each child its own slice of
+``state``, and pass every other keyword on unchanged. A new keyword
+therefore touches only the layers that read it -- not the combinators, the
+gradient sweep, the checker or the training loop, which all pass ``**ctx``
+through (the style of stax's ``**kwargs`` and optax's extra args).
 
-* ``stochastic=True`` (dropout): ``forward`` also takes ``key=`` and ``train=``.
-* ``init_state`` / ``update_state`` (batch norm): ``forward`` also takes
-  ``state=`` and ``train=``; ``init_state(in_shape)`` builds the state (running
-  statistics) that the optimizer never touches, and
-  ``update_state(state, cache)`` returns the next state after a training
-  forward pass. Stateless layers have state ``()``.
+Two capabilities, declared on the record, tell the callers what to supply:
 
-:func:`call_forward` passes each layer exactly the keywords it declares, so a
-user's own ``jp.Layer(init, forward, backward)`` needs nothing more.
+* ``stochastic=True`` (dropout): training needs ``key=`` (:func:`needs_key`).
+* ``init_state`` / ``update_state`` (batch norm): ``forward`` takes
+  ``state=``; ``init_state(in_shape)`` builds the state (running statistics)
+  that the optimizer never touches, and ``update_state(state, cache)``
+  returns the next state after a training forward pass. Stateless layers
+  have state ``()``.
+
+**Non-float inputs** (integer token ids) get no gradient: the layer's
+backward returns ``dx = None``. ``serial`` accepts that from its first layer
+only (a later layer's input is an earlier layer's output, which carries a
+gradient); the gradient sweep and the checker expect ``dx is None`` exactly
+when the input is not floating point (:func:`is_floating`) and report the
+parameters only.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -41,15 +61,17 @@ class Layer(NamedTuple):
 
     Attributes:
       init: ``(key, in_shape) -> (out_shape, params)``.
-      forward: ``(params, x, **ctx) -> (y, cache)``; ``cache`` is a pytree of
-        arrays only, so it can cross a ``jax.jit`` boundary.
-      backward: ``(cache, dy) -> (grads, dx)``; ``grads`` has the structure
-        of ``params`` (``()`` for a layer without parameters).
+      forward: ``(params, x, **ctx) -> (y, cache)``, declaring the context
+        keywords it reads (none for most layers; see :func:`call_forward`);
+        ``cache`` is a pytree of arrays only, so it can cross ``jax.jit``.
+      backward: ``(cache, dy) -> (grads, dx)``; ``grads`` has the structure,
+        shapes and dtypes of ``params`` (``()`` for a layer without
+        parameters); ``dx`` is ``None`` when the input is not floating point.
       name: used in error messages and gradient reports.
       init_state: ``in_shape -> state`` for layers with non-trainable state
         (running statistics); ``None`` for stateless layers.
       update_state: ``(state, cache) -> state`` after a training forward pass.
-      stochastic: ``forward`` takes ``key=`` and ``train=`` (dropout).
+      stochastic: training needs ``key=`` (dropout); see :func:`needs_key`.
     """
 
     init: Callable
@@ -69,7 +91,8 @@ class Loss(NamedTuple):
     """A loss: ``J = forward(pred, target)``, mean over the batch axis.
 
     Attributes:
-      forward: ``(pred, target) -> (value, cache)``; ``value`` is a scalar.
+      forward: ``(pred, target, **kw) -> (value, cache)``; ``value`` is a
+        scalar; ``kw`` is e.g. ``where=`` (a mask of the positions that count).
       backward: ``(cache, dvalue=1.0) -> dpred`` with ``dpred`` = dJ/dpred.
       name: used in error messages and reports.
       backward_target: optional ``(cache, dvalue) -> dtarget`` for float
@@ -83,14 +106,134 @@ class Loss(NamedTuple):
     backward_target: Optional[Callable] = None
 
 
-def call_forward(layer: Layer, params, x, *, key=None, train: bool = True, state=None):
-    """Run ``layer.forward`` passing only the keywords the layer declares."""
-    kwargs = {}
-    if layer.stochastic:
-        kwargs.update(key=key, train=train)
-    if layer.stateful:
-        kwargs.update(state=state, train=train)
-    return layer.forward(params, x, **kwargs)
+@functools.lru_cache(maxsize=4096)
+def _declared_cached(fn) -> Optional[frozenset]:
+    return _declared(fn)
+
+
+def _declared(fn) -> Optional[frozenset]:
+    """The keyword names ``fn(params, x, ...)`` accepts after its two positional
+    arguments; ``None`` when it takes ``**kwargs`` (or has no signature): all."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    names, positional = [], 0
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            return None
+        if p.kind is p.POSITIONAL_ONLY:
+            positional += 1
+        elif p.kind is p.POSITIONAL_OR_KEYWORD:
+            positional += 1
+            if positional > 2:                  # after (params, x)
+                names.append(p.name)
+        elif p.kind is p.KEYWORD_ONLY:
+            names.append(p.name)
+    return frozenset(names)
+
+
+def declared_keywords(fn) -> Optional[frozenset]:
+    """The context keywords ``fn`` (a ``forward``) declares, cached per function;
+    ``None`` means every keyword (``**kwargs``)."""
+    try:
+        return _declared_cached(fn)
+    except TypeError:                           # an unhashable callable: not cached
+        return _declared(fn)
+
+
+def call_forward(layer: Layer, params, x, **ctx):
+    """Run ``layer.forward(params, x, **kw)`` with ``kw`` the keywords of ``ctx``
+    that ``layer.forward`` declares (all of ``ctx`` if it takes ``**kwargs``).
+
+    A keyword the layer does not declare is not passed; one it declares but
+    ``ctx`` lacks keeps the layer's default (``train=True``, ``key=None``).
+    """
+    names = declared_keywords(layer.forward)
+    if names is not None:
+        ctx = {k: v for k, v in ctx.items() if k in names}
+    return layer.forward(params, x, **ctx)
+
+
+def call_loss(loss: Loss, pred, target, **kw):
+    """``loss.forward(pred, target, **kw)`` with the keywords that are None left out,
+    so ``where=None`` reaches a loss that has no ``where=``."""
+    return loss.forward(pred, target, **{k: v for k, v in kw.items() if v is not None})
+
+
+def needs_key(layer: Layer, *, train: bool = True) -> bool:
+    """True when ``layer``'s forward must be given ``key=``: it is stochastic
+    (dropout, random augmentation) and runs in training mode."""
+    return bool(layer.stochastic) and bool(train)
+
+
+def require_key(name: str, key):
+    """The error of a stochastic layer run in training mode without a key."""
+    if key is None:
+        raise ValueError(f"{name}: training mode needs a PRNG key (forward(..., key=k)); "
+                         "pass train=False to evaluate")
+
+
+def require_state(layer: Layer, state):
+    """The error of a network with state (batch norm) run without ``state=``."""
+    if layer.stateful and state is None:
+        raise ValueError(f"{layer.name}: this network has state (e.g. batch norm); pass "
+                         "state=jp.init_state(net, in_shape) and read ((value, state), grads)")
+
+
+def is_floating(x) -> bool:
+    """True when ``x`` (an array, a scalar or a dtype) is floating point."""
+    if x is None:
+        return False
+    return bool(jnp.issubdtype(jnp.result_type(x), jnp.floating))
+
+
+def cast_floating(tree, dtype):
+    """Cast every floating-point leaf of ``tree`` to ``dtype``; integer leaves
+    (labels, token ids, step counters) are left alone."""
+    dtype = jnp.dtype(dtype)
+    return jax.tree_util.tree_map(lambda a: a.astype(dtype) if is_floating(a) else a, tree)
+
+
+def check_grads(name: str, grads, params, what: str = "grads"):
+    """Raise a ``ValueError`` unless ``grads`` has the structure of ``params`` and
+    every leaf its parameter's shape and dtype (``grads`` must be usable as
+    optax's updates). Static: free under ``jit``."""
+    g_leaves, g_def = jax.tree_util.tree_flatten_with_path(grads)
+    p_leaves, p_def = jax.tree_util.tree_flatten_with_path(params)
+    if g_def != p_def:
+        g_paths = {jax.tree_util.keystr(k) for k, _ in g_leaves}
+        p_paths = {jax.tree_util.keystr(k) for k, _ in p_leaves}
+        detail = ""
+        if g_paths != p_paths:
+            missing, extra = sorted(p_paths - g_paths), sorted(g_paths - p_paths)
+            detail = (f" (missing {what}{', '.join(missing) or ' -'}; unexpected {what}"
+                      f"{', '.join(extra) or ' -'})")
+        raise ValueError(f"{name}: backward returned {what} with structure {g_def}, expected the "
+                         f"structure of params {p_def}{detail}")
+    for (path, g), (_, p) in zip(g_leaves, p_leaves):
+        g_shape, p_shape = tuple(np.shape(g)), tuple(np.shape(p))
+        g_dtype, p_dtype = jnp.result_type(g), jnp.result_type(p)
+        if g_shape != p_shape or g_dtype != p_dtype:
+            where = jax.tree_util.keystr(path)
+            raise ValueError(f"{name}: backward returned {what}{where} of shape {g_shape} {g_dtype}, "
+                             f"expected {p_shape} {p_dtype} (the shape and dtype of params{where})")
+
+
+def check_dx(name: str, dx, x):
+    """Raise a ``ValueError`` unless ``dx`` fits the input ``x``: the shape and
+    dtype of ``x`` for a floating-point input, ``None`` allowed otherwise.
+    (An input that is a pytree rather than one array is not checked.)"""
+    if not hasattr(x, "dtype") or not is_floating(x):
+        return
+    if dx is None:
+        raise ValueError(f"{name}: backward returned dx=None for a floating-point input of shape "
+                         f"{tuple(np.shape(x))} {jnp.result_type(x)} (only non-float inputs, e.g. "
+                         "integer token ids, have no gradient)")
+    if tuple(np.shape(dx)) != tuple(np.shape(x)) or jnp.result_type(dx) != jnp.result_type(x):
+        raise ValueError(f"{name}: backward returned dx of shape {tuple(np.shape(dx))} "
+                         f"{jnp.result_type(dx)}, expected {tuple(np.shape(x))} {jnp.result_type(x)} "
+                         "(the shape and dtype of the input)")
 
 
 def init_state(layer: Layer, in_shape) -> PyTree:
@@ -143,7 +286,7 @@ def check_same_shape(name: str, expected, got, what: str = "dy"):
 
 
 def check_float(name: str, x, what: str = "input"):
-    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    if not is_floating(x):
         raise ValueError(f"{name}: expected a floating-point {what}, got dtype {jnp.result_type(x)}")
 
 

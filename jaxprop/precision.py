@@ -16,6 +16,11 @@ back to the other dtype. With a loss scale S::
     grads_c, _ = net.backward(cache, cast_c(dz))  (compute dtype c)
     grads = cast_32(grads_c) / S                  = dJ/dp, rounded through c
 
+The middle four lines are the library's one sweep,
+``jaxprop.grad.forward_backward(..., dvalue=S, loss_dtype=float32)``; this
+module adds only the casts around it. (``cast_floating`` lives in
+``jaxprop.core`` and is re-exported here.)
+
 When scaling is needed: bfloat16 has float32's exponent range (8 bits), so
 its gradients underflow no sooner than float32's and S = 1 suffices (the
 default). float16 has a 5-bit exponent: cotangents below ~6e-8 flush to zero,
@@ -45,17 +50,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxprop.core import Layer, Loss, call_forward
+from jaxprop.core import Layer, Loss, cast_floating, is_floating, require_state
+from jaxprop.grad import forward_backward, next_state
 
-
-def _is_float(a) -> bool:
-    return jnp.issubdtype(jnp.result_type(a), jnp.floating)
-
-
-def cast_floating(tree, dtype):
-    """Cast every floating-point leaf of ``tree`` to ``dtype`` (integer leaves,
-    e.g. labels, are left alone)."""
-    return jax.tree_util.tree_map(lambda a: a.astype(dtype) if _is_float(a) else a, tree)
+__all__ = ["LossScale", "adjust_loss_scale", "all_finite", "cast_floating", "dynamic_loss_scale",
+           "mixed_value_and_grad"]
 
 
 def mixed_value_and_grad(net: Layer, loss: Loss, *, compute_dtype=jnp.bfloat16, loss_dtype=jnp.float32):
@@ -63,32 +62,34 @@ def mixed_value_and_grad(net: Layer, loss: Loss, *, compute_dtype=jnp.bfloat16, 
     ``compute_dtype``; the loss runs in ``loss_dtype``; grads come back in each
     parameter's own dtype (the master weights'). See the module docstring.
 
-    Returns ``f(params, x, y, *, scale=1.0, key=None, train=True, state=None)
-    -> (J, grads)`` (``((J, new_state), grads)`` for a net with state). ``scale``
-    is the loss scale S (a Python float or a scalar array, e.g.
-    ``LossScale.scale``); grads are already divided by it. ``J`` is unscaled.
+    Returns ``f(params, x, y, *, scale=1.0, where=None, **ctx) -> (J, grads)``
+    (``((J, new_state), grads)`` for a net with state). ``scale`` is the loss
+    scale S (a Python float or a scalar array, e.g. ``LossScale.scale``);
+    grads are already divided by it. ``J`` is unscaled. The sweep is
+    :func:`jaxprop.grad.forward_backward` with ``dvalue = S`` and
+    ``loss_dtype``; ``ctx`` is the forward context, as for ``value_and_grad``.
     """
     if not isinstance(net, Layer) or not isinstance(loss, Loss):
         raise TypeError("mixed_value_and_grad: expected a jaxprop Layer and a jaxprop Loss, got "
                         f"{type(net).__name__} and {type(loss).__name__}")
     compute_dtype, loss_dtype = jnp.dtype(compute_dtype), jnp.dtype(loss_dtype)
 
-    def f(params, x, y, *, scale=1.0, key=None, train=True, state=None):
-        if net.stateful and state is None:
-            raise ValueError(f"{net.name}: this network has state; pass state=jp.init_state(net, in_shape)")
+    def f(params, x, y, *, scale=1.0, where=None, **ctx):
+        state = ctx.get("state")
+        require_state(net, state)
         p_c = cast_floating(params, compute_dtype)                          # p_c = cast_c(p)
         s_c = cast_floating(state, compute_dtype) if state is not None else None
-        z_c, cache = call_forward(net, p_c, cast_floating(x, compute_dtype), key=key, train=train, state=s_c)
-        value, loss_cache = loss.forward(z_c.astype(loss_dtype), y)         # z = cast_32(z_c)
+        if state is not None:
+            ctx = dict(ctx, state=s_c)
         s = jnp.asarray(scale, loss_dtype)
-        dz = loss.backward(loss_cache, s)                                   # S dJ/dz
-        grads_c, _ = net.backward(cache, dz.astype(compute_dtype))          # backward of the cast
-        grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype) / s.astype(p.dtype), grads_c, params)
+        sweep = forward_backward(net, loss, p_c, cast_floating(x, compute_dtype), y, dvalue=s,  # S dJ/dz
+                                 loss_dtype=loss_dtype, where=where, **ctx)
+        grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype) / s.astype(p.dtype), sweep.grads, params)
         if net.stateful:
-            new_state = net.update_state(s_c, cache) if train else s_c
+            new_state = next_state(net, s_c, sweep.cache, train=ctx.get("train", True))
             new_state = jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), new_state, state)
-            return (value, new_state), grads
-        return value, grads
+            return (sweep.value, new_state), grads
+        return sweep.value, grads
 
     return f
 
@@ -112,7 +113,7 @@ def dynamic_loss_scale(initial: float = 2.0 ** 15) -> LossScale:
 
 def all_finite(tree) -> jax.Array:
     """A boolean scalar: every element of every floating leaf is finite."""
-    leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(tree) if _is_float(a)]
+    leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(tree) if is_floating(a)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 

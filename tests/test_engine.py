@@ -226,6 +226,44 @@ def test_checker_finite_differences_catch_wrong_forward():
     assert not report.ok and report.rows[0].fd_rel_err > 1e-3
 
 
+def tanh_using_x_for_dy():
+    """tanh whose backward ignores dy: it multiplies by the cached x where dy belongs."""
+    def forward(params, x):
+        return jnp.tanh(x), x
+
+    def backward(x, dy):
+        del dy
+        y = jnp.tanh(x)
+        return (), x * (1 - y * y)                     # bug: should be dy * (1 - y^2)
+
+    return jp.Layer(lambda k, s: (tuple(s), ()), forward, backward, name="tanh_ignoring_dy")
+
+
+def dense_transposed_dw(n):
+    """A square dense layer whose dW is transposed: dy^T x instead of x^T dy."""
+    layer = jp.dense(n)
+
+    def backward(cache, dy):
+        grads, dx = layer.backward(cache, dy)
+        return dict(grads, w=grads["w"].T), dx
+
+    return layer._replace(backward=backward, name=f"dense_transposed_dw({n})")
+
+
+@pytest.mark.parametrize("make", [tanh_using_x_for_dy, lambda: dense_transposed_dw(6)],
+                         ids=["tanh_ignoring_dy", "dense_transposed_dw"])
+def test_check_layer_default_cotangent_is_not_a_users_x(make):
+    """check_layer's default dy was normal(key(seed + 1)): bit-equal to an x drawn with key(1)
+    (README's pattern) for seed 0, and to key(seed + 1) for any seed, so these bugs passed."""
+    layer = make()
+    _, params = layer.init(jax.random.key(0), (5, 6))
+    for seed in range(10):
+        for x_key in sorted({1, seed + 1}):
+            x = jax.random.normal(jax.random.key(x_key), (5, 6))
+            report = jp.check_layer(layer, params, x, seed=seed, fd=False)
+            assert not report.ok, f"seed {seed}, x from key({x_key}): the bug passed\n{report}"
+
+
 # ---- errors ------------------------------------------------------------------------------------
 
 def test_dense_wrong_features_message():

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprop.core import Layer, check_float, check_same_shape, shape_token, token_shape
+from jaxprop.core import Layer, check_float, check_same_shape, require_key, shape_token, token_shape
 
 
 def random_shift(max_shift: int) -> Layer:
@@ -53,9 +53,7 @@ def random_shift(max_shift: int) -> Layer:
             raise ValueError(f"{name}: expected input of shape (N, spatial..., C), got shape {tuple(np.shape(x))}")
         if not train or max_shift == 0:
             return x, {"shifts": jnp.zeros((0,), jnp.int32), "x_shape": shape_token(x)}
-        if key is None:
-            raise ValueError(f"{name}: training mode needs a PRNG key (forward(..., key=k)); "
-                             "pass train=False to evaluate")
+        require_key(name, key)
         shifts = jax.random.randint(key, (x.shape[0], x.ndim - 2), -max_shift, max_shift + 1)
         return roll(x, shifts, 1), {"shifts": shifts, "x_shape": shape_token(x)}
 

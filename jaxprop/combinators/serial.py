@@ -1,4 +1,4 @@
-r"""Combinators: layers made of layers. Composition is the dynamic programme.
+r"""``serial``: layers applied in order. Composition is the dynamic programme.
 
 ``serial`` is backprop itself. For J(f_L(... f_1(x))) with x_k = f_k(x_{k-1}),
 the chain rule over every path from a weight of layer k to J factors as::
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import jax
 
-from jaxprop.core import Layer, call_forward, check_same_shape, output_shape, shape_token, token_shape
+from jaxprop.core import Layer, call_forward, output_shape
 
 
 def _split(key, n):
@@ -30,8 +30,11 @@ def serial(*layers: Layer) -> Layer:
 
         for k = L..1:  grads_k, dy = layer_k.backward(cache_k, dy)
 
-    ``key=`` is split into one key per layer (only stochastic layers use it);
-    ``state=`` is a tuple of per-layer states (``()`` for stateless ones).
+    The forward context is open (``forward(params, x, **ctx)``): ``key=`` is
+    split into one key per layer, ``state=`` is a tuple of per-layer states
+    (``()`` for stateless ones), every other keyword reaches every layer
+    that declares it. Only the first layer may return ``dx = None`` (a
+    non-float input such as token ids); from a later layer it is an error.
     """
     if not layers:
         raise ValueError("serial: needs at least one layer")
@@ -50,13 +53,21 @@ def serial(*layers: Layer) -> Layer:
             params.append(p)
         return tuple(shape), tuple(params)
 
-    def forward(params, x, *, key=None, train=True, state=None):
+    def forward(params, x, **ctx):
         if len(params) != len(layers):
             raise ValueError(f"{name}: expected params for {len(layers)} layers, got {len(params)}")
-        states = state if state is not None else (None,) * len(layers)
+        keys = _split(ctx.get("key"), len(layers))
+        states = ctx.get("state") if stateful else None
+        if states is not None and len(states) != len(layers):
+            raise ValueError(f"{name}: expected a state for each of {len(layers)} layers, got {len(states)}")
         caches = []
-        for layer, p, k, s in zip(layers, params, _split(key, len(layers)), states):
-            x, cache = call_forward(layer, p, x, key=k, train=train, state=s)
+        for i, (layer, p) in enumerate(zip(layers, params)):
+            child = dict(ctx)                           # every keyword passes on ...
+            if keys[i] is not None:
+                child["key"] = keys[i]                  # ... a key of its own per layer
+            if states is not None:
+                child["state"] = states[i]              # ... and its own state
+            x, cache = call_forward(layer, p, x, **child)
             caches.append(cache)
         return x, tuple(caches)
 
@@ -64,6 +75,11 @@ def serial(*layers: Layer) -> Layer:
         grads = [None] * len(layers)
         for i in reversed(range(len(layers))):          # the reverse sweep
             grads[i], dy = layers[i].backward(cache[i], dy)
+            if dy is None and i > 0:
+                raise ValueError(
+                    f"{name}: layer {i} ({layers[i].name}) returned dx=None, but its input is the output "
+                    f"of layer {i - 1} ({layers[i - 1].name}), which needs a gradient; only the first "
+                    "layer may return dx=None (a non-float input, e.g. token ids)")
         return tuple(grads), dy
 
     def init_state(in_shape):
@@ -81,37 +97,3 @@ def serial(*layers: Layer) -> Layer:
                  init_state=init_state if stateful else None,
                  update_state=update_state if stateful else None,
                  stochastic=stochastic)
-
-
-def residual(block: Layer) -> Layer:
-    """Skip connection ``y = x + block(x)`` (block must keep the shape).
-
-    x fans out to two paths (identity and block), so its gradient is the sum
-    over both paths::
-
-        dx = dy + dx_block,   dx_block from block.backward(cache, dy)
-        grads = grads of block (the identity path has no parameters)
-    """
-    name = f"residual({block.name})"
-
-    def init(key, in_shape):
-        out_shape, params = block.init(key, in_shape)
-        if tuple(out_shape) != tuple(in_shape):
-            raise ValueError(f"{name}: block must keep the shape; in {tuple(in_shape)}, out {tuple(out_shape)}")
-        return tuple(in_shape), params
-
-    def forward(params, x, *, key=None, train=True, state=None):
-        h, cache = call_forward(block, params, x, key=key, train=train, state=state)
-        if h.shape != x.shape:
-            raise ValueError(f"{name}: block must keep the shape; input {x.shape}, block output {h.shape}")
-        return x + h, {"block": cache, "y_shape": shape_token(h)}
-
-    def backward(cache, dy):
-        check_same_shape(name, token_shape(cache["y_shape"]), dy)
-        grads, dx_block = block.backward(cache["block"], dy)
-        return grads, dy + dx_block                     # fan-out: paths sum
-
-    return Layer(init, forward, backward, name=name,
-                 init_state=block.init_state, update_state=
-                 (lambda state, cache: block.update_state(state, cache["block"])) if block.stateful else None,
-                 stochastic=block.stochastic)
