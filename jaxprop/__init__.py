@@ -1,41 +1,35 @@
 """jaxprop: backpropagation written by hand, in pure jax.numpy, checked against jax.grad."""
-from jaxprop.core import (Layer, Loss, call_forward, init_state, output_shape)
-from jaxprop.layers.dense import dense
-from jaxprop.layers.activations import (elementwise, identity, sigmoid, tanh, relu, leaky_relu, elu,
-                                        softplus, gelu, silu, softmax, log_softmax)
-from jaxprop.layers.reshape import flatten, reshape
-from jaxprop.layers.dropout import dropout
-from jaxprop.combinators import serial, residual
-from jaxprop.losses import mse, softmax_cross_entropy, sigmoid_binary_cross_entropy
-from jaxprop.grad import value_and_grad, grad
-from jaxprop.check import check_gradients, check_layer, GradientReport
+from jaxprop import checkpoint, data, initializers, models, testing, train  # jp.train.fit, jp.data.load, ...
 from jaxprop.bridge import as_custom_vjp
-from jaxprop import initializers
+from jaxprop.check import GradientReport, check_gradients, check_layer
+from jaxprop.combinators import residual, serial
+from jaxprop.core import Layer, Loss, call_forward, init_state, output_shape
+from jaxprop.grad import Sweep, forward_backward, grad, value_and_grad
+from jaxprop.layers.activations import (elementwise, elu, gelu, identity, leaky_relu, log_softmax, relu,
+                                        sigmoid, silu, softmax, softplus, tanh)
+from jaxprop.layers.augment import random_shift
+from jaxprop.layers.conv import conv1d, conv2d
+from jaxprop.layers.dense import dense
+from jaxprop.layers.dropout import dropout
+from jaxprop.layers.norm import batch_norm, group_norm, layer_norm
+from jaxprop.layers.pooling import avg_pool, global_avg_pool, max_pool
+from jaxprop.layers.reshape import flatten, reshape
+from jaxprop.losses import mse, sigmoid_binary_cross_entropy, softmax_cross_entropy
+from jaxprop.precision import (LossScale, adjust_loss_scale, all_finite, cast_floating, dynamic_loss_scale,
+                               mixed_value_and_grad)
+# through the old path first, so that a later `import jaxprop.repeat` cannot rebind jp.repeat
+from jaxprop.repeat import repeat, stack_params, unstack_params
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Layer", "Loss", "call_forward", "init_state", "output_shape",
-    "dense", "elementwise", "identity", "sigmoid", "tanh", "relu", "leaky_relu", "elu", "softplus",
-    "gelu", "silu", "softmax", "log_softmax", "flatten", "reshape", "dropout",
-    "serial", "residual",
-    "mse", "softmax_cross_entropy", "sigmoid_binary_cross_entropy",
-    "value_and_grad", "grad", "check_gradients", "check_layer", "GradientReport", "as_custom_vjp",
-    "initializers",
+    "GradientReport", "Layer", "Loss", "LossScale", "Sweep",
+    "adjust_loss_scale", "all_finite", "as_custom_vjp", "avg_pool", "batch_norm", "call_forward",
+    "cast_floating", "check_gradients", "check_layer", "checkpoint", "conv1d", "conv2d",
+    "data", "dense", "dropout", "dynamic_loss_scale", "elementwise", "elu", "flatten",
+    "forward_backward", "gelu", "global_avg_pool", "grad", "group_norm", "identity", "init_state",
+    "initializers", "layer_norm", "leaky_relu", "log_softmax", "max_pool", "mixed_value_and_grad",
+    "models", "mse", "output_shape", "random_shift", "relu", "repeat", "reshape", "residual",
+    "serial", "sigmoid", "sigmoid_binary_cross_entropy", "silu", "softmax", "softmax_cross_entropy",
+    "softplus", "stack_params", "tanh", "testing", "train", "unstack_params", "value_and_grad",
 ]
-from jaxprop.repeat import repeat, stack_params, unstack_params
-from jaxprop.precision import (mixed_value_and_grad, cast_floating, LossScale, dynamic_loss_scale,
-                               adjust_loss_scale, all_finite)
-__all__ += ["repeat", "stack_params", "unstack_params", "mixed_value_and_grad", "cast_floating",
-            "LossScale", "dynamic_loss_scale", "adjust_loss_scale", "all_finite"]
-from jaxprop import checkpoint, data, models, train    # training: jp.train.fit, jp.data.load, jp.models.build_model
-__all__ += ["checkpoint", "data", "models", "train"]
-from jaxprop.layers.conv import conv1d, conv2d
-from jaxprop.layers.pooling import max_pool, avg_pool, global_avg_pool
-from jaxprop.layers.norm import batch_norm, layer_norm, group_norm
-__all__ += ["conv1d", "conv2d", "max_pool", "avg_pool", "global_avg_pool", "batch_norm", "layer_norm",
-            "group_norm"]
-from jaxprop import complexity, paths   # the complexity study: path enumeration vs backprop
-__all__ += ["complexity", "paths"]
-from jaxprop.layers.augment import random_shift
-__all__ += ["random_shift"]

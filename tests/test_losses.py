@@ -21,19 +21,25 @@ def make_targets(name, key, pred):
 
 LOSSES = [
     ("mse", jp.mse, "real"),
+    ("mse_mean", lambda: jp.mse(reduction="mean"), "real"),
+    ("mse_sum", lambda: jp.mse(reduction="sum"), "real"),
     ("xent_labels", jp.softmax_cross_entropy, "labels"),
     ("xent_smooth", lambda: jp.softmax_cross_entropy(label_smoothing=0.1), "labels"),
     ("xent_probs", jp.softmax_cross_entropy, "probs"),
     ("xent_probs_smooth", lambda: jp.softmax_cross_entropy(label_smoothing=0.2), "probs"),
     ("bce", jp.sigmoid_binary_cross_entropy, "binary"),
+    ("bce_mean", lambda: jp.sigmoid_binary_cross_entropy(reduction="mean"), "binary"),
+    ("bce_sum", lambda: jp.sigmoid_binary_cross_entropy(reduction="sum"), "binary"),
 ]
 
 
 def reference_value(name, pred, t):
-    """Independent textbook formulas (not the code under test)."""
+    """Independent textbook formulas (not the code under test): "mean" is jnp.mean (optax's convention
+    followed by a mean), "sum" jnp.sum, the default the sum over outputs over the batch size."""
     n = pred.shape[0]
-    if name == "mse":
-        return jnp.sum((pred - t) ** 2) / n
+    reduce = {"mean": jnp.mean, "sum": jnp.sum}.get(name.rsplit("_", 1)[-1], lambda a: jnp.sum(a) / n)
+    if name.startswith("mse"):
+        return reduce((pred - t) ** 2)
     if name.startswith("xent"):
         c = pred.shape[1]
         q = jax.nn.one_hot(t, c, dtype=pred.dtype) if t.ndim == 1 else t
@@ -41,7 +47,7 @@ def reference_value(name, pred, t):
         q = (1 - eps) * q + eps / c
         return -jnp.sum(q * jax.nn.log_softmax(pred)) / n
     s = jax.nn.sigmoid(pred)
-    return -jnp.sum(t * jnp.log(s) + (1 - t) * jnp.log1p(-s)) / n
+    return reduce(-(t * jnp.log(s) + (1 - t) * jnp.log1p(-s)))
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
@@ -72,7 +78,9 @@ def test_loss_bridge_check_vjp(name, make, kind):
     if kind == "labels":
         g = jax.grad(f)(pred, t)
         np.testing.assert_allclose(g, jax.grad(lambda p: reference_value(name, p, t))(pred), rtol=1e-12)
-    else:   # float targets: the bridge differentiates both arguments by hand
+    else:   # float targets: the bridge differentiates both arguments by hand. Jitted: check_vjp's
+        # perturbed targets leave the simplex, which a concrete forward would (rightly) reject
+        f = jax.jit(f)
         jax.test_util.check_vjp(f, lambda a, b: jax.vjp(f, a, b), (pred, t), atol=1e-7, rtol=1e-7, eps=1e-6)
 
 
@@ -167,3 +175,211 @@ def test_bce_gradient_at_exactly_zero_logit():
     dz = loss.backward(loss.forward(z, t)[1])
     np.testing.assert_array_equal(dz, jnp.array([[0.25], [-0.25]]))
     np.testing.assert_array_equal(jax.grad(lambda a: loss.forward(a, t)[0])(z), dz)
+
+
+def test_bce_and_mse_reductions_against_optax_convention():
+    """reduction="mean" is the element mean of PyTorch/optax; "batch" (default) is the design notes' J."""
+    k1, k2 = jax.random.split(jax.random.key(4))
+    z = jax.random.normal(k1, (6, 3))
+    t = jax.random.uniform(k2, (6, 3))
+    bce_elems = jnp.logaddexp(z, 0.0) - t * z            # optax.sigmoid_binary_cross_entropy's formula
+    for red, ref in [("batch", jnp.sum(bce_elems) / 6), ("mean", jnp.mean(bce_elems)), ("sum", jnp.sum(bce_elems))]:
+        np.testing.assert_allclose(jp.sigmoid_binary_cross_entropy(reduction=red).forward(z, t)[0], ref, rtol=1e-14)
+        np.testing.assert_allclose(jp.mse(reduction=red).forward(z, t)[0],
+                                   {"batch": jnp.sum((z - t) ** 2) / 6, "mean": jnp.mean((z - t) ** 2),
+                                    "sum": jnp.sum((z - t) ** 2)}[red], rtol=1e-14)
+
+
+@pytest.mark.parametrize("make", [jp.mse, jp.sigmoid_binary_cross_entropy], ids=["mse", "bce"])
+def test_bad_reduction_name(make):
+    with pytest.raises(ValueError, match=r"reduction must be one of 'batch', 'mean', 'sum', got 'avg'"):
+        make(reduction="avg")
+
+
+# ---- softmax cross-entropy over (N, ..., C), with a mask -----------------------------------------
+
+def _xent_reference(z, labels, w=None, eps=0.0):
+    """Independent: log_softmax + take_along_axis, mean over the counted positions."""
+    c = z.shape[-1]
+    logp = jax.nn.log_softmax(z, axis=-1)
+    q = (1 - eps) * jax.nn.one_hot(labels, c, dtype=z.dtype) + eps / c
+    per = -jnp.sum(q * logp, axis=-1)
+    if w is None:
+        return jnp.mean(per)
+    return jnp.sum(jnp.where(w, per, 0.0)) / jnp.sum(w)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("eps,masked", [(0.0, False), (0.0, True), (0.1, True)], ids=["all", "where", "smooth_where"])
+def test_xent_sequence_logits_and_mask_match_autodiff(eps, masked, dtype):
+    """Logits (N, T, C), labels (N, T): J the mean over the N*T positions (or over the counted ones),
+    dz against jax.grad of an independent formula, zero on masked positions (which hold label -100).
+    Eager and jitted."""
+    loss = jp.softmax_cross_entropy(label_smoothing=eps)
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(1), 4)
+    z = jax.random.normal(k1, (3, 4, 5), dtype) * 2
+    labels = jax.random.randint(k2, (3, 4), 0, 5)
+    w = jax.random.bernoulli(k3, 0.6, (3, 4)).at[0, 0].set(True) if masked else None
+    if masked:
+        labels = jnp.where(w, labels, -100)          # padding label, never read
+    dvalue = jax.random.normal(k4, (), dtype)
+    ref_labels = jnp.where(w, labels, 0) if masked else labels
+    ref_value = _xent_reference(z, ref_labels, w, eps)
+    ref = jax.grad(lambda a: _xent_reference(a, ref_labels, w, eps))(z) * dvalue
+    tol = 1e-12 if dtype == jnp.float64 else 2e-6
+    for jit in (False, True):
+        fwd = jax.jit(loss.forward) if jit else loss.forward
+        value, cache = fwd(z, labels, w)
+        dz = (jax.jit(loss.backward) if jit else loss.backward)(cache, dvalue)
+        np.testing.assert_allclose(value, ref_value, rtol=tol)
+        np.testing.assert_allclose(dz, ref, rtol=tol, atol=tol * float(jnp.max(jnp.abs(ref))))
+        if masked:
+            assert bool(jnp.all(dz[~w] == 0))
+
+
+def test_xent_probability_targets_sequence_and_mask():
+    loss = jp.softmax_cross_entropy()
+    k1, k2 = jax.random.split(jax.random.key(2))
+    z = jax.random.normal(k1, (2, 3, 4))
+    q = jax.nn.softmax(jax.random.normal(k2, (2, 3, 4)))
+    w = jnp.array([[True, False, True], [True, True, False]])
+    ref = lambda a: jnp.sum(jnp.where(w, -jnp.sum(q * jax.nn.log_softmax(a), -1), 0.0)) / 4
+    value, cache = loss.forward(z, q, where=w)
+    np.testing.assert_allclose(value, ref(z), rtol=1e-13)
+    np.testing.assert_allclose(loss.backward(cache, 0.7), 0.7 * jax.grad(ref)(z), atol=1e-15)
+    value, cache = loss.forward(z, q)
+    np.testing.assert_allclose(value, -jnp.mean(jnp.sum(q * jax.nn.log_softmax(z), -1)), rtol=1e-13)
+
+
+def test_xent_mask_counting_nothing_gives_zero_not_nan():
+    loss = jp.softmax_cross_entropy()
+    z = jax.random.normal(jax.random.key(0), (2, 3, 4))
+    w = jnp.zeros((2, 3), bool)
+    for fwd in (loss.forward, jax.jit(loss.forward)):
+        value, cache = fwd(z, jnp.zeros((2, 3), jnp.int32), w)
+        assert float(value) == 0.0
+        np.testing.assert_array_equal(loss.backward(cache), jnp.zeros_like(z))
+
+
+def test_xent_mask_must_be_boolean_of_leading_shape():
+    loss = jp.softmax_cross_entropy()
+    z, y = jnp.zeros((2, 3, 4)), jnp.zeros((2, 3), jnp.int32)
+    with pytest.raises(ValueError, match=r"softmax_cross_entropy: expected a boolean where mask of shape \(2, 3\)"):
+        loss.forward(z, y, where=jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"boolean where mask of shape \(2, 3\).*of shape \(2,\)"):
+        loss.forward(z, y, where=jnp.ones((2,), bool))
+    with pytest.raises(ValueError, match=r"integer labels of shape \(2, 3\) for logits \(2, 3, 4\), got \(2,\)"):
+        loss.forward(z, jnp.zeros((2,), jnp.int32))
+
+
+def test_xent_two_dimensional_numbers_bit_identical():
+    """(N, C) logits and labels: the same floating-point operations, in the same order, as before
+    the (N, ..., C) generalisation (the default training job's params_fingerprint depends on it)."""
+    loss = jp.softmax_cross_entropy()
+    k1, k2 = jax.random.split(jax.random.key(3))
+    for dtype in (jnp.float32,):                     # the default training job's dtype
+        z = jax.random.normal(k1, (64, 10), dtype) * 3
+        y = jax.random.randint(k2, (64,), 0, 10)
+        dv = jnp.asarray(0.37, dtype)
+
+        def before(z, y):
+            logp = jax.nn.log_softmax(z, axis=-1)
+            t = jax.nn.one_hot(y, 10, dtype=dtype)
+            return -jnp.sum(t * logp) / 64, (jnp.exp(logp) - t) * (jnp.asarray(dv, dtype) / 64)
+
+        def after(z, y):
+            value, cache = loss.forward(z, y)
+            return value, loss.backward(cache, dv)
+
+        for f, g in [(before, after), (jax.jit(before), jax.jit(after))]:
+            (v0, d0), (v1, d1) = f(z, y), g(z, y)
+            assert np.asarray(v0).tobytes() == np.asarray(v1).tobytes()
+            np.testing.assert_array_equal(np.asarray(d0).view(np.uint8), np.asarray(d1).view(np.uint8))
+
+
+# ---- issue 16: no silent wrong answers -----------------------------------------------------------
+
+def test_out_of_range_labels_under_jit_give_nan():
+    """Under jit the labels' values are unknown at trace time: a label outside [0, C) makes J and dz
+    NaN (before: silently a probability-0 one-hot row, a finite loss)."""
+    loss = jp.softmax_cross_entropy()
+    z = jax.random.normal(jax.random.key(0), (4, 5))
+    step = jax.jit(lambda z, y: (lambda v, c: (v, loss.backward(c)))(*loss.forward(z, y)))
+    for bad in ([0, 7, 1, 2], [0, -1, 1, 2], [5, 0, 0, 0]):
+        value, dz = step(z, jnp.array(bad))
+        assert bool(jnp.isnan(value)), bad
+        assert bool(jnp.all(jnp.isnan(dz))), bad
+    value, dz = step(z, jnp.array([0, 4, 1, 2]))
+    eager_value, cache = loss.forward(z, jnp.array([0, 4, 1, 2]))
+    np.testing.assert_allclose(value, eager_value, rtol=1e-14)
+    np.testing.assert_allclose(dz, loss.backward(cache), rtol=1e-14)
+    # masked positions may hold any label (padding), even under jit
+    w = jnp.array([True, False, True, True])
+    value, _ = jax.jit(loss.forward)(z, jnp.array([0, -100, 1, 2]), w)
+    assert bool(jnp.isfinite(value))
+    value, _ = jax.jit(loss.forward)(z, jnp.array([0, 1, 9, 2]), w)
+    assert bool(jnp.isnan(value))
+
+
+def test_out_of_range_labels_eager_respect_mask():
+    loss = jp.softmax_cross_entropy()
+    z = jnp.zeros((3, 5))
+    loss.forward(z, jnp.array([0, -100, 4]), where=jnp.array([True, False, True]))   # padding: fine
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\).*\[-100, 4\]"):
+        loss.forward(z, jnp.array([0, -100, 4]), where=jnp.array([True, True, True]))
+
+
+@pytest.mark.parametrize("target", [
+    "normal", "negative", "sums_to_two"])
+def test_float_targets_must_be_probabilities(target):
+    """Random normals used to give a loss of -3.43 without complaint."""
+    loss = jp.softmax_cross_entropy()
+    z = jax.random.normal(jax.random.key(0), (4, 3))
+    t = {"normal": jax.random.normal(jax.random.key(1), (4, 3)),
+         "negative": jnp.array([[1.2, -0.2, 0.0]] * 4),
+         "sums_to_two": jnp.full((4, 3), 2 / 3)}[target]
+    with pytest.raises(ValueError, match="softmax_cross_entropy: float targets for logits \\(4, 3\\) must be "
+                                         "probabilities"):
+        loss.forward(z, t)
+
+
+def test_float_probability_targets_accepted_within_rounding():
+    loss = jp.softmax_cross_entropy()
+    for dtype in (jnp.float32, jnp.float64):
+        z = jax.random.normal(jax.random.key(0), (8, 1000), dtype)
+        q = jax.nn.softmax(jax.random.normal(jax.random.key(1), (8, 1000), dtype) * 5)
+        assert bool(jnp.isfinite(loss.forward(z, q)[0]))
+        assert bool(jnp.isfinite(loss.forward(z, jax.nn.one_hot(jnp.arange(8), 1000, dtype=dtype))[0]))
+    jax.jit(loss.forward)(z, -q)              # traced targets: no check (values unknown)
+
+
+def test_bce_targets_outside_unit_interval_rejected():
+    loss = jp.sigmoid_binary_cross_entropy()
+    z = jnp.zeros((3, 2))
+    for bad in (jnp.array([[0.0, 1.0], [2.0, 0.5], [0.0, 0.0]]), jnp.array([[0.0, -0.1], [1.0, 0.5], [0.0, 0.0]])):
+        with pytest.raises(ValueError, match=r"sigmoid_binary_cross_entropy: targets must lie in \[0, 1\]"):
+            loss.forward(z, bad)
+    loss.forward(z, jnp.array([[0, 1], [1, 0], [1, 1]]))     # integer 0/1 targets are fine
+
+
+@pytest.mark.parametrize("name,make,kind", LOSSES, ids=[x[0] for x in LOSSES])
+def test_non_scalar_dvalue_rejected(name, make, kind):
+    """A (N,) dvalue used to broadcast into a wrong dpred."""
+    loss = make()
+    pred = jax.random.normal(jax.random.key(0), (4, 3))
+    _, cache = loss.forward(pred, make_targets(kind, jax.random.key(1), pred))
+    with pytest.raises(ValueError, match=rf"{loss.name}: dvalue must be a scalar.*\(4,\)"):
+        loss.backward(cache, jnp.ones((4,)))
+    if loss.backward_target is not None and kind != "labels":
+        with pytest.raises(ValueError, match="dvalue must be a scalar"):
+            loss.backward_target(cache, jnp.ones((4, 1)))
+    loss.backward(cache, jnp.asarray(2.0))                  # a 0-d array is a scalar
+
+
+@pytest.mark.parametrize("name,make,kind", LOSSES, ids=[x[0] for x in LOSSES])
+def test_empty_batch_rejected(name, make, kind):
+    """N = 0 used to give a NaN loss (0/0)."""
+    loss = make()
+    pred = jnp.zeros((0, 3))
+    with pytest.raises(ValueError, match=rf"{loss.name}: empty batch \(N = 0\)"):
+        loss.forward(pred, make_targets(kind, jax.random.key(1), pred))

@@ -10,7 +10,7 @@ itself). None has parameters: params and grads are ``()``.
 | identity     | x                                     | 1                                        |
 | sigmoid      | 1 / (1 + e^-x)                        | y (1 - y)                                |
 | tanh         | tanh x                                | 1 - y^2                                  |
-| relu         | max(x, 0)                             | 1[x > 0] = 1[y > 0]  (0 at x = 0)        |
+| relu         | max(x, 0)  (NaN stays NaN)            | 1[x > 0] = 1[y > 0]  (0 at x = 0, NaN)   |
 | leaky_relu   | x if x >= 0 else a x                  | 1 if x >= 0 else a  (as jax.nn)          |
 | elu          | x if x > 0 else a (e^x - 1)           | 1 if x > 0 else y + a                    |
 | softplus     | log(1 + e^x)                          | sigmoid(x)                               |
@@ -19,6 +19,10 @@ itself). None has parameters: params and grads are ``()``.
 | silu         | x sigmoid(x)                          | s (1 + x (1 - s)), s = sigmoid(x)        |
 
 with Phi/phi the standard normal cdf/pdf, c = sqrt(2/pi), k = 0.044715, t = tanh u.
+
+NaN propagates as through ``jax.grad`` of the same ``jax.nn`` function: a NaN
+input gives a NaN output, and dx is what ``jax.vjp`` gives (NaN for the smooth
+functions; for relu, 0, since jax.nn.relu's derivative 1[x > 0] is 0 at NaN).
 """
 from __future__ import annotations
 
@@ -79,6 +83,8 @@ def tanh() -> Layer:
 def relu(save: str = "mask") -> Layer:
     """y = max(x, 0); dx = dy * 1[x > 0] = dy * 1[y > 0]. At x = 0 the
     gradient is 0, as ``jax.nn.relu`` (``jnp.maximum`` would give 0.5 there).
+    A NaN input gives y = NaN and dx = 0, as ``jax.nn.relu`` and its
+    ``jax.vjp`` (the NaN is not hidden as a 0 output).
 
     Args:
       save: what the forward pass keeps for the backward one.
@@ -101,15 +107,21 @@ def relu(save: str = "mask") -> Layer:
     if save not in ("mask", "output"):
         raise ValueError(f"relu: save must be 'mask' or 'output', got {save!r}")
     zero = lambda a: jnp.zeros((), a.dtype)
+
+    def forward(x, mask):
+        # x > 0 is False for NaN: the inner where keeps NaN as NaN (a constant, so the autodiff
+        # derivative is 1[x > 0] everywhere, 0 at NaN, as jax.nn.relu's); finite x: max(x, 0)
+        return jnp.where(mask, x, jnp.where(jnp.isnan(x), jnp.full((), jnp.nan, x.dtype), zero(x)))
+
     if save == "output":
         def fn(x):
-            y = jnp.where(x > 0, x, zero(x))
+            y = forward(x, x > 0)
             return y, y
         return elementwise("relu", fn, lambda y, dy: jnp.where(y > 0, dy, zero(dy)))
 
     def fn_mask(x):
         mask = x > 0
-        return jnp.where(mask, x, zero(x)), mask
+        return forward(x, mask), mask
     return elementwise("relu", fn_mask, lambda mask, dy: jnp.where(mask, dy, zero(dy)))
 
 

@@ -1,0 +1,526 @@
+r"""``jaxprop.testing``: check hand-written gradients in your own tests.
+
+Two things for users who compare their hand-derived gradients with autodiff:
+
+* :func:`assert_gradients_match` — one assertion. Given a layer (or a whole
+  net and a loss), it builds params, inputs and targets when you give none,
+  compares the hand-written backward with ``jax.vjp``/``jax.grad`` of the
+  same forward (random cotangent, dtype-aware tolerance, finite differences
+  in float64) and raises ``AssertionError`` whose message is the report
+  table (which parameter, how far off, "looks like a wrong sign")::
+
+      def test_my_layer():
+          jp.testing.assert_gradients_match(my_layer(16), in_shape=(8, 4))
+          jp.testing.assert_gradients_match(net, jp.mse(), in_shape=(8, 4), jit=True)
+
+* The registry of layer cases: :class:`Case` (how to build a layer and an
+  input for it), :data:`CASES` (every jaxprop layer: the test suite runs
+  them all), :func:`setup` and :func:`run_case`, which runs every generic
+  check of jaxprop's own suite on one case::
+
+      MY_CASES = [jp.testing.Case("my_layer", lambda: my_layer(16), (8, 4), bad_shape=(8, 5))]
+
+      @pytest.mark.parametrize("case", MY_CASES, ids=str)
+      def test_generic(case):
+          jp.testing.run_case(case)
+
+  The generic checks, one function each (``run_case`` calls them all; each
+  raises ``AssertionError`` on a failure and returns ``None``, or a string
+  saying why it does not apply to this case):
+
+  ================== ========================================================
+  check_backward     hand backward vs ``jax.vjp`` (random cotangent), float64
+                     and float32, eager and jitted; finite differences
+                     (float64, eager) when ``case.fd``
+  check_structure    forward and backward as two jitted functions (the cache
+                     crosses a jit boundary, holds arrays only); y has
+                     ``output_shape``; grads have params' structure, shapes,
+                     dtypes; dx has x's shape and dtype (``None`` for a
+                     non-float input)
+  check_bridge       ``as_custom_vjp(layer)`` passes ``jax.test_util.check_vjp``
+                     and its VJP is the hand backward
+  check_bad_shape    ``case.bad_shape`` is a ``ValueError`` naming the layer and
+                     the shape
+  check_dy_shape     a dy of the wrong shape is a ``ValueError``
+  check_nan          NaN in the input reaches y, and y, dx and grads are NaN
+                     exactly where ``jax.vjp`` of the same forward gives NaN
+  ================== ========================================================
+
+Non-float inputs (integer token ids: ``x_fn`` returning integers) follow
+jaxprop's rule: the backward returns ``dx = None``; checks of dx, the bridge
+and the NaN check are skipped for them.
+
+This is verification code: it calls ``jax.grad``/``jax.vjp`` (never used by
+the gradient path) and imports no test framework (pytest is not needed).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxprop as jp
+from jaxprop.bridge import as_custom_vjp
+from jaxprop.check import check_gradients, check_layer
+from jaxprop.core import (Layer, Loss, call_forward, cast_floating, default_float, init_state,
+                          is_floating, needs_key, output_shape)
+
+__all__ = ["Case", "CASES", "away_from_zero", "setup", "assert_gradients_match", "run_case",
+           "check_backward", "check_structure", "check_bridge", "check_bad_shape", "check_dy_shape",
+           "check_nan", "CHECKS"]
+
+
+# ------------------------------------------------------------------------------------ the case record
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Case:
+    """How to build one layer and an input for it, for the generic checks.
+
+    Attributes:
+      name: the test id.
+      make: ``() -> Layer``.
+      in_shape: the input's shape, batch axis included.
+      ctx: forward keywords (``key``, ``train``, ``state``, ``mask``, ...):
+        a dict, or a function ``() -> dict`` for values that are arrays
+        (building a Case then allocates nothing).
+      x_fn: ``(key, shape, dtype) -> x``; default standard normal. Return
+        integers for a layer that takes token ids (then ``dx`` must be None).
+      rtol32: float32 tolerance, where the default (1e-4) is too tight.
+      fd: whether finite differences are meaningful (no kinks near x, no
+        eager scans that recompile per call).
+      bad_shape: an input shape the layer must reject with a ValueError.
+      nan: whether the NaN check applies (a NaN must reach y).
+    """
+
+    name: str
+    make: Callable[[], Layer]
+    in_shape: tuple
+    ctx: Union[dict, Callable[[], dict]] = dataclasses.field(default_factory=dict)
+    x_fn: Optional[Callable] = None
+    rtol32: Optional[float] = None
+    fd: bool = True
+    bad_shape: Optional[tuple] = None
+    nan: bool = True
+
+    def __str__(self):
+        return self.name
+
+
+def away_from_zero(key, shape, dtype):
+    """Inputs with |x| >= 0.1: finite differences never straddle a kink at 0."""
+    k1, k2 = jax.random.split(key)
+    mag = 0.1 + jax.random.uniform(k1, shape, dtype)
+    return jax.random.choice(k2, jnp.array([-1.0, 1.0], dtype), shape) * mag
+
+
+def _normal(key, shape, dtype):
+    return jax.random.normal(key, shape, dtype)
+
+
+def _float64_enabled() -> bool:
+    return bool(jax.config.jax_enable_x64)
+
+
+def _resolve_dtype(dtype):
+    dtype = jnp.dtype(default_float() if dtype is None else dtype)
+    if dtype == jnp.float64 and not _float64_enabled():
+        raise ValueError("jaxprop.testing: float64 checks need jax.config.update('jax_enable_x64', True) "
+                         "before any array is made (or ask for dtype=jnp.float32)")
+    return dtype
+
+
+def setup(case: Case, dtype=None, seed: int = 0):
+    """``(layer, params, x, ctx)`` for ``case``: params from ``layer.init(key(seed)...)``
+    and floating state cast to ``dtype`` (default: float64 with x64 on, else
+    float32), ``x = case.x_fn(key, case.in_shape, dtype)``; a stateful layer
+    without ``state`` in ``ctx`` gets ``init_state``."""
+    dtype = _resolve_dtype(dtype)
+    layer = case.make()
+    k_init, k_x = jax.random.split(jax.random.key(seed))
+    _, params = layer.init(k_init, tuple(case.in_shape))
+    params = cast_floating(params, dtype)
+    x = (case.x_fn or _normal)(k_x, tuple(case.in_shape), dtype)
+    ctx = dict(case.ctx() if callable(case.ctx) else case.ctx)
+    if "state" in ctx:
+        ctx["state"] = cast_floating(ctx["state"], dtype)
+    elif layer.stateful:
+        ctx["state"] = cast_floating(init_state(layer, case.in_shape), dtype)
+    return layer, params, x, ctx
+
+
+# ------------------------------------------------------------------------------------ the registry
+
+def _drop_ctx():
+    return {"key": jax.random.key(7), "train": True}
+
+
+def _bn_eval_ctx():
+    return {"train": False, "state": {"mean": jnp.array([0.5, -1.0, 0.2, 2.0]),
+                                      "var": jnp.array([2.0, 0.5, 1.5, 3.0])}}
+
+
+CASES = [
+    Case("dense", lambda: jp.dense(7), (5, 4), bad_shape=(5, 3)),
+    Case("dense_nobias", lambda: jp.dense(3, bias=False, w_init="he"), (6, 5), bad_shape=(6, 4)),
+    Case("dense_3d", lambda: jp.dense(4, w_init="lecun"), (3, 2, 5), bad_shape=(3, 2, 4)),
+    Case("identity", lambda: jp.identity(), (4, 3)),
+    Case("sigmoid", lambda: jp.sigmoid(), (4, 6)),
+    Case("tanh", lambda: jp.tanh(), (4, 6)),
+    Case("relu", lambda: jp.relu(), (5, 6), x_fn=away_from_zero),
+    Case("relu_save_output", lambda: jp.relu(save="output"), (5, 6), x_fn=away_from_zero),
+    Case("leaky_relu", lambda: jp.leaky_relu(0.1), (5, 6), x_fn=away_from_zero),
+    Case("elu", lambda: jp.elu(0.7), (5, 6), x_fn=away_from_zero),
+    Case("softplus", lambda: jp.softplus(), (4, 6)),
+    Case("gelu", lambda: jp.gelu(), (4, 6)),
+    Case("gelu_tanh", lambda: jp.gelu(approximate=True), (4, 6)),
+    Case("silu", lambda: jp.silu(), (4, 6)),
+    Case("softmax", lambda: jp.softmax(), (4, 5)),
+    Case("log_softmax", lambda: jp.log_softmax(), (4, 5)),
+    Case("flatten", lambda: jp.flatten(), (3, 2, 4)),
+    Case("reshape", lambda: jp.reshape((4, -1)), (3, 2, 4)),
+    Case("dropout_train", lambda: jp.dropout(0.3), (6, 5), ctx=_drop_ctx),
+    Case("dropout_eval", lambda: jp.dropout(0.3), (6, 5), ctx={"train": False}),
+    Case("serial", lambda: jp.serial(jp.dense(6), jp.tanh(), jp.dense(3)), (4, 5), bad_shape=(4, 6)),
+    Case("serial_dropout", lambda: jp.serial(jp.dense(6), jp.dropout(0.5), jp.dense(3)), (4, 5),
+         ctx=_drop_ctx),
+    Case("residual", lambda: jp.residual(jp.serial(jp.dense(5), jp.gelu(), jp.dense(5))), (4, 5),
+         bad_shape=(4, 6)),
+    # repeat(block, n): lax.scan forward, reverse-scan backward. Finite differences off: an eager
+    # scan recompiles per call; repeat's forward is checked equal to serial's (which has finite
+    # differences here) in tests/test_repeat.py, with residual and dropout blocks.
+    Case("repeat", lambda: jp.repeat(jp.serial(jp.dense(5), jp.tanh()), 3), (4, 5), bad_shape=(4, 6),
+         fd=False),
+    # CNN layers: every conv/pool/norm layer and mode once, with odd sizes, strides that do not divide
+    # the input, dilation with stride, groups. More configurations are in tests/test_conv.py,
+    # test_pooling.py and test_norm.py.
+    Case("conv1d", lambda: jp.conv1d(4, 3, stride=2, dilation=2, groups=2), (2, 13, 2), bad_shape=(2, 13, 3)),
+    Case("conv2d", lambda: jp.conv2d(3, (3, 2), stride=(2, 3), padding=((1, 0), (2, 1)), dilation=(2, 1)),
+         (2, 9, 8, 2), bad_shape=(2, 9, 8, 3)),
+    Case("max_pool", lambda: jp.max_pool((3, 2), (2, 1), ((1, 0), (0, 1))), (2, 7, 6, 2), bad_shape=(2, 7)),
+    Case("avg_pool", lambda: jp.avg_pool(3, 2, "SAME"), (2, 10, 3), bad_shape=(2, 10)),
+    Case("global_avg_pool", lambda: jp.global_avg_pool(), (2, 4, 5, 3), bad_shape=(2, 5)),
+    Case("batch_norm", lambda: jp.batch_norm(0.8), (3, 5, 4), ctx={"train": True}, bad_shape=(3, 5, 3)),
+    Case("batch_norm_eval", lambda: jp.batch_norm(), (3, 5, 4), ctx=_bn_eval_ctx),
+    Case("layer_norm", lambda: jp.layer_norm(), (3, 5, 4), bad_shape=(3, 5, 3)),
+    Case("group_norm", lambda: jp.group_norm(3), (2, 3, 4, 6), bad_shape=(2, 3, 4, 5)),
+    Case("cnn1d_bn_residual", lambda: jp.serial(
+        jp.conv1d(4, 3, stride=2, bias=False), jp.batch_norm(), jp.relu(),
+        jp.residual(jp.serial(jp.conv1d(4, 3, bias=False), jp.batch_norm(), jp.tanh())),
+        jp.max_pool(2), jp.global_avg_pool(), jp.dense(3)), (4, 12, 2), ctx={"train": True}),
+    Case("random_shift", lambda: jp.random_shift(2), (3, 7, 2), ctx=_drop_ctx),
+]
+"""Every jaxprop layer, each configuration once: ``tests/test_layers.py`` runs
+every generic check on each. Adding a layer adds one entry here."""
+
+
+# ------------------------------------------------------------------------------------ one assertion
+
+def _targets(loss, pred, key, dtype):
+    """Targets a built-in loss accepts, for predictions shaped like ``pred``."""
+    if loss.name == "softmax_cross_entropy":
+        return jax.random.randint(key, pred.shape[:-1], 0, pred.shape[-1])
+    if loss.name == "sigmoid_binary_cross_entropy":
+        return jax.random.uniform(key, pred.shape, dtype)
+    if loss.name == "mse":
+        return jax.random.normal(key, pred.shape, dtype)
+    raise ValueError(f"assert_gradients_match: no default targets for loss {loss.name!r}; pass y=")
+
+
+def assert_gradients_match(layer_or_net: Layer, loss: Optional[Loss] = None, *, params=None, x=None, y=None,
+                           in_shape=None, dtype=None, jit: bool = False, seed: int = 0,
+                           fd: Optional[bool] = None, rtol: Optional[float] = None, **ctx):
+    """Assert that a layer's (or a net's) hand-written gradients match autodiff.
+
+    Without ``loss``: :func:`jaxprop.check_layer` — ``layer.backward(cache,
+    dy)`` against ``jax.vjp`` of its forward, for a random normal cotangent
+    dy. With ``loss``: :func:`jaxprop.check_gradients` — the training sweep
+    ``jp.value_and_grad(net, loss)`` against ``jax.grad`` of J.
+
+    Args:
+      layer_or_net: a :class:`jaxprop.Layer` (``serial(...)`` is one).
+      loss: a :class:`jaxprop.Loss`, or None.
+      params: default ``layer.init(key(seed), in_shape)``.
+      x: default standard normal of ``in_shape``; ``in_shape`` defaults to
+        ``x.shape``, one of the two is needed.
+      y: targets (with a loss); default random targets of the prediction's
+        shape: integer labels for ``softmax_cross_entropy``, uniform [0, 1]
+        for ``sigmoid_binary_cross_entropy``, normal for ``mse``.
+      dtype: the floating dtype params, x and state are cast to; default
+        that of ``x`` (or of params), else float64 with x64 on, else float32.
+      jit: run the hand-written path under ``jax.jit``.
+      seed: for params, x, y, the cotangent and the finite-difference
+        directions; a stochastic layer with no ``key=`` gets one from it.
+      fd: finite differences too; default: when ``dtype`` is float64.
+      rtol: relative tolerance; default by dtype (float64 1e-9, float32 1e-4,
+        see ``jaxprop.check.TOLERANCES``).
+      **ctx: forward keywords (``key``, ``train``, ``state``, ``mask``...);
+        a stateful layer without ``state`` gets ``init_state``.
+
+    Runs under ``jax.default_matmul_precision("highest")`` (no TF32/bf16
+    passes for float32 matmuls on accelerators).
+
+    Returns the :class:`jaxprop.GradientReport`. Raises ``AssertionError``
+    with the report's table when a gradient differs.
+    """
+    layer = layer_or_net
+    if not isinstance(layer, Layer):
+        raise TypeError(f"assert_gradients_match: expected a jaxprop Layer, got {type(layer).__name__}")
+    if loss is not None and not isinstance(loss, Loss):
+        raise TypeError(f"assert_gradients_match: loss must be a jaxprop Loss, got {type(loss).__name__} "
+                        "(did you forget the call, e.g. jp.mse()?)")
+    if x is None and in_shape is None:
+        raise ValueError(f"assert_gradients_match: {layer.name}: pass x= or in_shape=")
+    if dtype is None:
+        floats = [a for a in jax.tree_util.tree_leaves((x, params)) if is_floating(a)]
+        dtype = jnp.result_type(floats[0]) if floats else None
+    dtype = _resolve_dtype(dtype)
+    k_init, k_x, k_y, k_key = jax.random.split(jax.random.key(seed), 4)
+    in_shape = tuple(np.shape(x)) if x is not None else tuple(in_shape)
+    if params is None:
+        _, params = layer.init(k_init, in_shape)
+    params = cast_floating(params, dtype)
+    x = _normal(k_x, in_shape, dtype) if x is None else cast_floating(jnp.asarray(x), dtype)
+    if "state" in ctx:
+        ctx["state"] = cast_floating(ctx["state"], dtype)
+    elif layer.stateful:
+        ctx["state"] = cast_floating(init_state(layer, in_shape), dtype)
+    if needs_key(layer, train=ctx.get("train", True)) and ctx.get("key") is None:
+        ctx["key"] = k_key
+    if fd is None:
+        fd = dtype == jnp.float64
+    with jax.default_matmul_precision("highest"):
+        if loss is None:
+            report = check_layer(layer, params, x, jit=jit, fd=fd, rtol=rtol, seed=seed, **ctx)
+        else:
+            if y is None:
+                pred = jax.eval_shape(lambda p, xx: call_forward(layer, p, xx, **ctx)[0], params, x)
+                y = _targets(loss, pred, k_y, dtype)
+            report = check_gradients(layer, loss, params, x, y, jit=jit, fd=fd, rtol=rtol, seed=seed, **ctx)
+    if not report.ok:
+        raise AssertionError(str(report))
+    return report
+
+
+# ------------------------------------------------------------------------------------ the generic checks
+
+_COMPILED = {}
+
+
+def _prepared(case, dtype):
+    """setup(case, dtype) and the case's jitted forward, backward and jax.vjp reference,
+    built once per (case, dtype): the checks that share them compile once."""
+    key = (id(case), jnp.dtype(dtype).name)
+    hit = _COMPILED.get(key)
+    if hit is None or hit[0] is not case:
+        layer, params, x, ctx = setup(case, dtype)
+
+        def forward(p, xx):
+            return call_forward(layer, p, xx, **ctx)
+
+        def reference(p, xx, dy):
+            if is_floating(xx):
+                y, vjp = jax.vjp(lambda a, b: forward(a, b)[0], p, xx)
+                return y, vjp(dy)
+            y, vjp = jax.vjp(lambda a: forward(a, xx)[0], p)
+            return y, (vjp(dy)[0], None)
+
+        hit = (case, (layer, params, x, ctx, jax.jit(forward), jax.jit(layer.backward), jax.jit(reference)))
+        _COMPILED[key] = hit
+    return hit[1]
+
+
+def _cotangent(seed, y):
+    # a key no user picks for x (jax.random.key(1) is the README's): fold in a constant
+    return jax.random.normal(jax.random.fold_in(jax.random.key(seed), 0x5EED), y.shape, y.dtype)
+
+
+def _check_dtypes(dtypes):
+    if dtypes is None:
+        return (jnp.float64, jnp.float32) if _float64_enabled() else (jnp.float32,)
+    return tuple(_resolve_dtype(d) for d in dtypes)
+
+
+def check_backward(case: Case, dtype=None, jit: bool = False, seed: int = 0):
+    """The hand backward against ``jax.vjp`` of the forward (``check_layer``,
+    random cotangent); with finite differences in float64 when eager and
+    ``case.fd``."""
+    dtype = _resolve_dtype(dtype)
+    layer, params, x, ctx = setup(case, dtype, seed)
+    rtol = case.rtol32 if (dtype == jnp.float32 and case.rtol32) else None
+    fd = case.fd and dtype == jnp.float64 and not jit
+    with jax.default_matmul_precision("highest"):
+        report = check_layer(layer, params, x, jit=jit, fd=fd, rtol=rtol, seed=seed, **ctx)
+    if not report.ok:
+        raise AssertionError(str(report))
+    if report.dtype != dtype.name:
+        raise AssertionError(f"{case.name}: the check ran in {report.dtype}, expected {dtype.name}")
+
+
+def check_structure(case: Case, dtype=None):
+    """Forward and backward as two jitted functions (the cache crosses a jit
+    boundary): y has ``output_shape``, the cache holds arrays only, grads have
+    params' structure, shapes and dtypes, dx has x's shape and dtype (None for
+    a non-float input)."""
+    dtype = _resolve_dtype(dtype)
+    layer, params, x, ctx, fwd, bwd, _ = _prepared(case, dtype)
+    y, cache = fwd(params, x)
+    out_shape = output_shape(layer, case.in_shape)
+    if tuple(y.shape) != tuple(out_shape):
+        raise AssertionError(f"{case.name}: forward gave y of shape {y.shape}, init said {out_shape}")
+    if not all(isinstance(a, jax.Array) for a in jax.tree_util.tree_leaves(cache)):
+        raise AssertionError(f"{case.name}: the cache holds non-arrays: "
+                             f"{[type(a).__name__ for a in jax.tree_util.tree_leaves(cache)]}")
+    grads, dx = bwd(cache, _cotangent(3, y))
+    g_def, p_def = jax.tree_util.tree_structure(grads), jax.tree_util.tree_structure(params)
+    if g_def != p_def:
+        raise AssertionError(f"{case.name}: grads have structure {g_def}, params {p_def}")
+    for (path, g), p in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree_util.tree_leaves(params)):
+        if g.shape != p.shape or g.dtype != p.dtype:
+            raise AssertionError(f"{case.name}: grads{jax.tree_util.keystr(path)} is {g.shape} {g.dtype}, "
+                                 f"params {p.shape} {p.dtype}")
+    if not is_floating(x):
+        if dx is not None:
+            raise AssertionError(f"{case.name}: the input is {x.dtype} (not floating point), so dx must be "
+                                 f"None, got {type(dx).__name__}")
+    elif dx is None or dx.shape != x.shape or dx.dtype != x.dtype:
+        got = None if dx is None else (dx.shape, dx.dtype)
+        raise AssertionError(f"{case.name}: dx is {got}, expected {(x.shape, x.dtype)}")
+
+
+def check_bridge(case: Case, dtype=None):
+    """``as_custom_vjp(layer)`` passes ``jax.test_util.check_vjp``, and its VJP
+    is the hand-written backward. Skipped for a non-float input."""
+    import jax.test_util
+
+    dtype = _resolve_dtype(dtype)
+    layer, params, x, ctx, fwd, bwd, _ = _prepared(case, dtype)
+    if not is_floating(x):
+        return "the input is not floating point: no dx, no bridge check"
+    f = jax.jit(as_custom_vjp(layer, **ctx))
+    tol, eps = (1e-6, 1e-5) if dtype == jnp.float64 else (5e-2, 1e-2)
+    jax.test_util.check_vjp(f, lambda p, xx: jax.vjp(f, p, xx), (params, x), atol=tol, rtol=tol, eps=eps)
+    y, cache = fwd(params, x)
+    dy = _cotangent(5, y)
+    g_bridge = jax.jit(lambda p, xx, d: jax.vjp(f, p, xx)[1](d))(params, x, dy)
+    g_hand = bwd(cache, dy)
+    rtol = 1e-12 if dtype == jnp.float64 else 1e-6
+    for a, b in zip(jax.tree_util.tree_leaves(g_bridge), jax.tree_util.tree_leaves(g_hand)):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * 1e-2 * float(jnp.max(jnp.abs(b)) + 1),
+                                   err_msg=f"{case.name}: the bridge's VJP is not the hand backward")
+
+
+def check_bad_shape(case: Case, dtype=None):
+    """``case.bad_shape`` is rejected with a ValueError that names the layer
+    (or the dense layer inside it) and the shape."""
+    if not case.bad_shape:
+        return "the case has no bad_shape"
+    layer, params, _, ctx = setup(case, dtype)
+    x = jnp.zeros(case.bad_shape, _resolve_dtype(dtype))
+    try:
+        call_forward(layer, params, x, **ctx)
+    except ValueError as err:
+        msg = str(err)
+    else:
+        raise AssertionError(f"{case.name}: an input of shape {case.bad_shape} was accepted")
+    if not ("dense" in msg or case.name in msg or layer.name in msg):
+        raise AssertionError(f"{case.name}: the error does not name the layer: {msg}")
+    if str(tuple(case.bad_shape)) not in msg and str(case.bad_shape[-1]) not in msg:
+        raise AssertionError(f"{case.name}: the error does not name the shape {case.bad_shape}: {msg}")
+
+
+def check_dy_shape(case: Case, dtype=None):
+    """A dy whose last axis is one too long is a ValueError ("expected dy of shape")."""
+    dtype = _resolve_dtype(dtype)
+    layer, params, x, ctx, fwd, bwd, _ = _prepared(case, dtype)
+    y, cache = fwd(params, x)
+    bad = jnp.zeros(y.shape[:-1] + (y.shape[-1] + 1,), y.dtype)
+    try:
+        bwd(cache, bad)
+    except ValueError as err:
+        if "expected dy of shape" not in str(err):
+            raise AssertionError(f"{case.name}: a wrong dy shape raised an unclear error: {err}")
+        return None
+    if ctx.get("train", True) is False and not jax.tree_util.tree_leaves(params):
+        return "identity in evaluation mode: dy passes through unchecked"
+    raise AssertionError(f"{case.name}: backward accepted dy of shape {bad.shape} for y of shape {y.shape}")
+
+
+def _nan_input(x):
+    """x with its whole first example NaN, and one element of the last example."""
+    flat = x.reshape(x.shape[0], -1).at[0].set(jnp.nan)
+    if x.shape[0] > 1:
+        flat = flat.at[-1, flat.shape[1] // 2].set(jnp.nan)
+    return flat.reshape(x.shape)
+
+
+def _same_nans(case, what, hand, ref):
+    h, r = np.asarray(hand, np.float64), np.asarray(ref, np.float64)
+    hn, rn = np.isnan(h), np.isnan(r)
+    if not np.array_equal(hn, rn):
+        where = tuple(int(i) for i in np.argwhere(hn != rn)[0])
+        raise AssertionError(
+            f"{case.name}: with a NaN in the input, {what} is NaN at {int(np.sum(hn & ~rn))} positions where "
+            f"jax.vjp's is not and finite at {int(np.sum(rn & ~hn))} where jax.vjp's is NaN "
+            f"(first at index {where}: hand {h[where]}, jax {r[where]})")
+
+
+def check_nan(case: Case, dtype=None, seed: int = 0):
+    """NaN propagates as through ``jax.vjp``: with the first example all NaN
+    (and one element of the last), y has a NaN, and y, dx and every grad are
+    NaN exactly where ``jax.vjp`` of the same forward gives NaN. (Finite
+    values are not compared: where a max over a window holding a NaN routes
+    its gradient is arbitrary; finite inputs are ``check_backward``'s.)
+    Skipped for a non-float input or ``case.nan=False``."""
+    dtype = _resolve_dtype(dtype)
+    if not case.nan:
+        return "the case opts out of the NaN check"
+    layer, params, x, ctx, fwd, bwd, ref = _prepared(case, dtype)
+    if not is_floating(x):
+        return "the input is not floating point: no NaN to put in"
+    x = _nan_input(x)
+    y, cache = fwd(params, x)
+    if not bool(jnp.any(jnp.isnan(y))):
+        raise AssertionError(f"{case.name}: a NaN in the input (its first example) gives no NaN in the output: "
+                             "the forward hides it (as a relu mapping NaN to 0 would)")
+    dy = _cotangent(seed, y)
+    grads, dx = bwd(cache, dy)
+    y_ref, (g_ref, dx_ref) = ref(params, x, dy)
+    _same_nans(case, "y", y, y_ref)
+    _same_nans(case, "dx", dx, dx_ref)
+    for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree_util.tree_leaves(g_ref)):
+        _same_nans(case, f"grads{jax.tree_util.keystr(path)}", g, r)
+
+
+CHECKS = {"backward": check_backward, "structure": check_structure, "bridge": check_bridge,
+          "bad_shape": check_bad_shape, "dy_shape": check_dy_shape, "nan": check_nan}
+"""The generic checks by name; ``run_case`` runs them all."""
+
+
+def run_case(case: Case, dtypes=None, jit=(False, True), seed: int = 0) -> dict:
+    """Run every generic check on ``case``.
+
+    ``check_backward`` runs for each dtype in ``dtypes`` (default float64 and
+    float32 with x64 on, else float32) and each ``jit`` mode; the other checks
+    once, in the first dtype. Returns ``{check: "ok" | "skipped: why"}``;
+    raises one ``AssertionError`` listing every failed check.
+    """
+    dtypes = _check_dtypes(dtypes)
+    jits = (jit,) if isinstance(jit, bool) else tuple(jit)
+    runs = [(f"backward[{jnp.dtype(d).name}-{'jit' if j else 'eager'}]",
+             lambda d=d, j=j: check_backward(case, d, j, seed)) for d in dtypes for j in jits]
+    runs += [(name, lambda fn=fn: fn(case, dtypes[0])) for name, fn in CHECKS.items() if name != "backward"]
+    results, failures = {}, []
+    for name, run in runs:
+        try:
+            reason = run()
+        except AssertionError as err:
+            failures.append(f"{case.name}: {name} FAILED\n{err}")
+            results[name] = "FAILED"
+        else:
+            results[name] = "ok" if reason is None else f"skipped: {reason}"
+    if failures:
+        raise AssertionError("\n\n".join(failures))
+    return results
