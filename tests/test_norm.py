@@ -167,3 +167,123 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r"layer_norm: expected dy of shape \(2, 3\)"):
         _, cache = jp.layer_norm().forward(params, jnp.ones((2, 3)))
         jp.layer_norm().backward(cache, jnp.ones((2, 4)))
+
+
+# ---- numerics and degenerate batches (issue 16, items 6 and 7) ----------------------------------
+
+NEAR_CONSTANT = [(jp.layer_norm, {}), (lambda: jp.group_norm(2), {}), (lambda: jp.batch_norm(), {"train": True})]
+
+
+@pytest.mark.parametrize("noise", [0.0, 1e-2], ids=["constant", "noisy"])
+@pytest.mark.parametrize("make, ctx", NEAR_CONSTANT, ids=["layer_norm", "group_norm", "batch_norm"])
+def test_near_constant_large_input_float32(make, ctx, noise):
+    """x = 12345.678 (+ noise at ~10 ulps) in float32: mean(x) is off by an ulp (1e-3), which
+    eps = 1e-5 used to turn into |y| = 0.3 and hand grads 1e-2 away from jax.grad. Shifted two-pass
+    statistics give y = beta exactly for a constant input, and forward and grads that match the
+    float64 truth of the same float32 input, and jax.grad of the same forward. (4, 16) is the
+    issue's input; (5, 16) gives batch norm 5 entries per channel (a sum of 4 equal ones is exact.)"""
+    layer = make()
+    fwd = lambda p, xx: jp.call_forward(layer, p, xx, **ctx)[0]
+    for shape in ((4, 16), (5, 16)):
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(12345.678 + noise * rng.standard_normal(shape), jnp.float32)
+        params = {"scale": jnp.asarray(rng.standard_normal(16), jnp.float32),
+                  "offset": jnp.asarray(rng.standard_normal(16), jnp.float32)}
+        dy = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+        y, cache = jp.call_forward(layer, params, x, **ctx)
+        grads, dx = layer.backward(cache, dy)
+        if noise == 0.0:
+            assert float(jnp.max(jnp.abs(y - params["offset"][None, :]))) == 0.0, shape
+        p64 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
+        y64, vjp64 = jax.vjp(fwd, p64, x.astype(jnp.float64))
+        assert float(jnp.max(jnp.abs(y - y64))) <= 1e-5, shape
+        refs = (vjp64(dy.astype(jnp.float64)), jax.vjp(fwd, params, x)[1](dy))
+        for ref in refs:              # the float64 truth, and jax.grad of the same float32 forward
+            for a, b in zip(jax.tree_util.tree_leaves((grads, dx)), jax.tree_util.tree_leaves(ref)):
+                assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * max(float(jnp.max(jnp.abs(b))), 1.0), shape
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 5, 3), (4, 0, 3)])
+def test_batch_norm_empty_batch_raises(shape):
+    layer = jp.batch_norm()
+    params = {"scale": jnp.ones(3), "offset": jnp.zeros(3)}
+    state = layer.init_state((1, 3))
+    for fwd in (layer.forward, jax.jit(layer.forward, static_argnames="train")):
+        with pytest.raises(ValueError, match=r"batch_norm\(0.9\): nothing to normalize over.*0 entries"):
+            fwd(params, jnp.zeros(shape), state=state, train=True)
+    y, _ = layer.forward(params, jnp.zeros(shape), state=state, train=False)     # evaluation: fine, empty
+    assert y.shape == shape
+
+
+def test_other_norms_with_nothing_to_normalize_raise():
+    params = {"scale": jnp.ones(4), "offset": jnp.zeros(4)}
+    with pytest.raises(ValueError, match=r"group_norm\(2\): nothing to normalize over.*\(2, 0, 4\)"):
+        jp.group_norm(2).forward(params, jnp.zeros((2, 0, 4)))
+    p0 = {"scale": jnp.ones(0), "offset": jnp.zeros(0)}
+    with pytest.raises(ValueError, match=r"layer_norm: nothing to normalize over"):
+        jp.layer_norm().forward(p0, jnp.zeros((2, 0)))
+
+
+def test_batch_norm_one_entry_per_channel_warns_once():
+    import warnings
+    layer = jp.batch_norm()
+    params = {"scale": jnp.ones(3), "offset": jnp.asarray([0.5, -1.0, 2.0])}
+    state = layer.init_state((1, 3))
+    x = jnp.asarray([[1.0, 2.0, 3.0]])
+    with pytest.warns(UserWarning, match=r"batch_norm\(0.9\).*output is constant and gradients are zero"):
+        y, cache = layer.forward(params, x, state=state, train=True)
+    np.testing.assert_array_equal(y, params["offset"][None, :])
+    grads, dx = layer.backward(cache, jnp.asarray([[0.3, -0.7, 1.1]]))
+    np.testing.assert_array_equal(dx, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                 # once per layer: the second call is silent
+        layer.forward(params, x, state=state, train=True)
+        jp.batch_norm().forward(params, jnp.ones((2, 3)), state=state, train=True)   # m = 2: no warning
+        jp.batch_norm().forward(params, jnp.ones((1, 2, 3)), state=state, train=True)  # N = 1, L = 2
+        layer.forward(params, x, state=state, train=False)
+    with pytest.warns(UserWarning, match=r"batch_norm\(0.9\).*output is constant"):   # under jit too (trace time)
+        jax.jit(jp.batch_norm().forward, static_argnames="train")(params, jnp.ones((1, 1, 3)), state=state)
+
+
+# ---- batch norm's two-reduction backward (issue 12, item 1) -------------------------------------
+
+def _full_reductions(fn, cache, dy):
+    """reduce_sum equations over a tensor of dy's size in fn's jaxpr (nested jaxprs included:
+    jnp.mean is a jitted function)."""
+    def count(jaxpr):
+        n = 0
+        for eqn in jaxpr.eqns:
+            n += eqn.primitive.name == "reduce_sum" and eqn.invars[0].aval.size == dy.size
+            for v in eqn.params.values():                     # pjit's "jaxpr" (a ClosedJaxpr)
+                sub = getattr(v, "jaxpr", v)
+                if hasattr(sub, "eqns"):
+                    n += count(sub)
+        return n
+    return count(jax.make_jaxpr(fn)(cache, dy).jaxpr)
+
+
+@pytest.mark.parametrize("make, flag, shape", [
+    (lambda: jp.batch_norm(), "_BN_TWO_REDUCTIONS", (6, 5, 3)),
+    (lambda: jp.batch_norm(), "_BN_TWO_REDUCTIONS", (4, 3, 5, 2)),
+    (lambda: jp.group_norm(2), "_GN_FACTORED", (3, 5, 4)),
+    (lambda: jp.group_norm(3), "_GN_FACTORED", (2, 3, 4, 6)),
+], ids=["batch_norm_1d", "batch_norm_2d", "group_norm_1d", "group_norm_2d"])
+def test_norm_backward_reduces_the_full_tensor_twice(make, flag, shape, monkeypatch):
+    """batch norm: dx = gamma r (dy - dbeta/m - xhat dgamma/m); group norm: the four sums from two
+    spatial sums. The generic backward (the private flag off when the layer is built) reduces the
+    full tensor four times; the two agree with each other and with jax.vjp (float64 and float32)."""
+    from jaxprop.layers import norm
+    layer = make()
+    ctx = {"train": True} if layer.stateful else {}
+    params, x, dy = random_inputs(layer, shape, jnp.float64, **ctx)
+    _, cache = layer.forward(params, x, **ctx)
+    assert _full_reductions(layer.backward, cache, dy) == 2
+    monkeypatch.setattr(norm, flag, False)
+    generic = make()                                         # the flag is read when the layer is built
+    monkeypatch.undo()
+    assert _full_reductions(generic.backward, cache, dy) == 4
+    for a, b in zip(jax.tree_util.tree_leaves(layer.backward(cache, dy)),
+                    jax.tree_util.tree_leaves(generic.backward(cache, dy))):
+        assert max_rel_err(a, b) <= 1e-12
+    assert max(vjp_errors(layer, shape, jnp.float64, **ctx)) <= 1e-9
+    assert max(vjp_errors(layer, shape, jnp.float32, seed=1, **ctx)) <= 1e-4

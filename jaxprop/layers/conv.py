@@ -58,6 +58,7 @@ from jaxprop import initializers
 from jaxprop.core import (Layer, check_float, check_input, check_same_shape, default_float,
                           shape_token, token_shape)
 from jaxprop.layers import spatial as sp
+from jaxprop.layers._params import BIAS_NOTES, check_params
 
 # (input, kernel, output) layouts of the forward and of the two backward convolutions
 _FORWARD = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC")}
@@ -113,10 +114,13 @@ def _conv(nd, features, kernel_size, stride, padding, dilation, groups, bias, w_
             params["b"] = jnp.zeros((features,), dt)
         return (in_shape[0],) + out + (features,), params
 
+    spec = {"w": ks + ("C/G", features), "b": (features,)} if bias else {"w": ks + ("C/G", features)}
+
     def forward(params, x):
+        sizes, dt = check_params(name, params, spec, notes=BIAS_NOTES[bias])
+        check_x(x, sizes["C/G"] * groups)
+        check_input(name, x, dtype=dt)
         w = params["w"]
-        check_x(x, w.shape[-2] * groups)
-        check_input(name, x, dtype=w.dtype)
         pads, circular, conv_pads, _ = geometry(x.shape)
         xp = sp.wrap_pad(x, pads) if circular else x
         y = lax.conv_general_dilated(xp, w, st, conv_pads, rhs_dilation=dl,
@@ -190,7 +194,8 @@ def conv1d(features: int, kernel_size, stride=1, padding="SAME", dilation=1, gro
         dW = corr(X, dY)                   (K, C/G, F)
         db = sum_{n,o} dY                  (F,)
 
-    Params: ``{"w": (K, C/G, F), "b": (F,)}``.
+    Params: ``{"w": (K, C/G, F), "b": (F,)}``, checked in ``forward`` against
+    K, F and the input's C and dtype (at trace time).
     """
     return _conv(1, features, kernel_size, stride, padding, dilation, groups, bias, w_init, dtype)
 
@@ -206,7 +211,8 @@ def conv2d(features: int, kernel_size, stride=1, padding="SAME", dilation=1, gro
         dW = corr(X, dY)                   (Kh, Kw, C/G, F)
         db = sum_{n,oh,ow} dY              (F,)
 
-    Params: ``{"w": (Kh, Kw, C/G, F), "b": (F,)}``.
+    Params: ``{"w": (Kh, Kw, C/G, F), "b": (F,)}``, checked in ``forward``
+    against K, F and the input's C and dtype (at trace time).
     """
     return _conv(2, features, kernel_size, stride, padding, dilation, groups, bias, w_init, dtype)
 

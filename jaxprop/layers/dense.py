@@ -5,6 +5,7 @@ import jax.numpy as jnp
 
 from jaxprop import initializers
 from jaxprop.core import Layer, check_float, check_input, check_same_shape, default_float
+from jaxprop.layers._params import BIAS_NOTES, check_params
 
 
 def dense(features: int, *, bias: bool = True, w_init="glorot", dtype=None) -> Layer:
@@ -34,7 +35,8 @@ def dense(features: int, *, bias: bool = True, w_init="glorot", dtype=None) -> L
       dtype: parameter dtype (default: float64 under x64, else float32). The
         input must have the same dtype.
 
-    Params: ``{"w": (I, O), "b": (O,)}``.
+    Params: ``{"w": (I, O), "b": (O,)}``, checked in ``forward`` (at trace time):
+    the keys, O, one floating dtype, and the input's I and dtype against them.
     """
     name = f"dense({features})"
     init_w = initializers.get(w_init)
@@ -51,10 +53,13 @@ def dense(features: int, *, bias: bool = True, w_init="glorot", dtype=None) -> L
             params["b"] = jnp.zeros((features,), dt)
         return tuple(in_shape[:-1]) + (features,), params
 
+    spec = {"w": ("I", features), "b": (features,)} if bias else {"w": ("I", features)}
+
     def forward(params, x):
-        w = params["w"]
+        sizes, dt = check_params(name, params, spec, notes=BIAS_NOTES[bias])
         check_float(name, x)
-        check_input(name, x, min_ndim=2, last=w.shape[0], dtype=w.dtype)
+        check_input(name, x, min_ndim=2, last=sizes["I"], dtype=dt)
+        w = params["w"]
         y = x @ w
         if bias:
             y = y + params["b"].reshape((1,) * (y.ndim - 1) + (features,))  # b[None, :]

@@ -32,28 +32,109 @@ vanishes because sum_R (x - mu) = 0), and d r / d var = -r^3 / 2::
 last term (sum_R xhat = 0), which is why the tests use random cotangents.
 In evaluation mode batch norm uses fixed running statistics, so mu and r are
 constants and ``dx = gamma r dY`` per channel.
+
+Two reductions instead of four (batch norm). The line above reduces over R
+twice (mean_R dxhat, mean_R dxhat xhat), and the parameter gradients reduce
+twice more over "all axes but C". For batch norm these are the same axes, R,
+and gamma is constant on each set R (one channel), so with dxhat = gamma dY::
+
+    mean_R(dxhat)      = gamma (1/m) sum_R dY      = gamma dbeta / m
+    mean_R(dxhat xhat) = gamma (1/m) sum_R dY xhat = gamma dgamma / m
+    dx = gamma r (dY - dbeta/m - xhat dgamma/m)                      (N, ..., C)
+
+so dx reuses the two sums the parameter gradients compute anyway (one pass
+over dY and xhat for both sums, one elementwise pass for dx).
+
+Group norm: gamma varies inside a group (R = spatial x C/G channels), so
+mean_R(dxhat) is not dbeta/m and the identity above does not apply as such.
+But all four sums factor through two per-(example, channel) spatial sums
+of the full tensors, S1[n,c] = sum_L dY and S2[n,c] = sum_L dY xhat::
+
+    dbeta = sum_n S1                  mean_R(dxhat)[n,g]      = (1/m) sum_{c in g} gamma_c S1[n,c]
+    dgamma = sum_n S2                 mean_R(dxhat xhat)[n,g] = (1/m) sum_{c in g} gamma_c S2[n,c]
+
+so group norm also reduces the full tensors twice; the rest are (N, C)
+sums. Layer norm: R is the channel axis itself while dgamma, dbeta sum
+over the other axes, so no partial sum is shared and the four reductions
+stay (they run along different axes: no identity to use).
+
+Numerics: shifted two-pass statistics. mu is computed as k + mean_R(x - k)
+with k one entry of each set R (the first), and var = mean_R((x - mu)^2) from
+the centred values. In exact arithmetic k cancels; in floating point x - k is
+exact for near-constant data (Sterbenz), so a constant input gives xhat = 0
+exactly, where mean_R(x) itself is off by an ulp of |x| (for 12345.678 in
+float32, 1e-3, which eps = 1e-5 turns into xhat = 0.3). The backward works
+from the cached xhat and r, so it inherits the accuracy. k enters through
+``lax.stop_gradient``: y does not depend on k (its derivative is exactly
+zero), so jax.grad, the tests' reference, need not carry that path; the
+hand-written backward never differentiates the forward at all.
+
+Degenerate sets: m = 0 (e.g. an empty batch in batch norm) raises a
+ValueError (mu and var are undefined: NaN running statistics); m = 1 warns
+once per layer (xhat = 0, so the output is beta and dx = 0).
 """
 from __future__ import annotations
 
+import math
+import warnings
+
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxprop.core import Layer, check_float, check_input, check_same_shape, default_float
+from jaxprop.layers._params import check_params
+
+# Batch norm's backward: True = the two-reduction identity of the module docstring; False = the
+# generic four-reduction _standardize_backward. Private, read when batch_norm() builds a layer (not
+# at trace time, so jit caches cannot mix the two): for A/B benchmarks only
+# (experiments/bench/norm_backward.py); both give the same gradients to rounding.
+_BN_TWO_REDUCTIONS = True
+# Group norm's backward through per-(example, channel) spatial sums (module docstring); same A/B use.
+_GN_FACTORED = True
+
+
+def _first(ndim, axes):
+    """Index of the first entry along ``axes`` (keepdims): one sample of each set R."""
+    return tuple(slice(0, 1) if a in axes else slice(None) for a in range(ndim))
 
 
 def _standardize(x, axes, eps):
-    """xhat = (x - mu) r over ``axes`` (keepdims). Returns xhat, mu, var, r."""
-    mu = x.mean(axis=axes, keepdims=True)
-    xc = x - mu
-    var = (xc * xc).mean(axis=axes, keepdims=True)
+    """xhat = (x - mu) r over ``axes`` (keepdims), shifted two-pass. Returns xhat, mu, var, r."""
+    k = lax.stop_gradient(x[_first(x.ndim, axes)])  # shift: one entry of R; y does not depend on it
+    d = x - k                                       # exact for near-constant x
+    d_mu = d.mean(axis=axes, keepdims=True)
+    xc = d - d_mu                                   # x - mu, with mu = k + d_mu
+    var = (xc * xc).mean(axis=axes, keepdims=True)  # second pass, on centred values
     r = 1.0 / jnp.sqrt(var + eps)
-    return xc * r, mu, var, r
+    return xc * r, k + d_mu, var, r
 
 
 def _standardize_backward(dxhat, xhat, r, axes):
     """dx = r (dxhat - mean_R dxhat - xhat mean_R(dxhat xhat)): the module docstring's result."""
     return r * (dxhat - dxhat.mean(axis=axes, keepdims=True)
                 - xhat * (dxhat * xhat).mean(axis=axes, keepdims=True))
+
+
+def _standardize_backward_per_channel(dy, xhat, r, gamma, grads, m):
+    """dx = gamma r (dy - dbeta/m - xhat dgamma/m), for R = every axis but C (batch norm):
+    mean_R(dxhat) = gamma dbeta/m and mean_R(dxhat xhat) = gamma dgamma/m (module docstring)."""
+    nd = dy.ndim
+    g, db, dg = (_channel(v, nd) for v in (gamma, grads["offset"], grads["scale"]))
+    return (g * r) * (dy - db / m - xhat * (dg / m))
+
+
+def _check_count(name, x_shape, m, what, warned):
+    """m = 0 entries per statistic: ValueError; m = 1: warn once per layer (constant output)."""
+    if m == 0:
+        raise ValueError(f"{name}: nothing to normalize over: {what} of the input of shape {tuple(x_shape)} "
+                         "hold 0 entries, so the mean and variance are undefined (an empty batch?)")
+    if m == 1 and not warned:
+        warned.append(True)
+        warnings.warn(f"{name}: one entry per statistic ({what} of the input of shape {tuple(x_shape)}): "
+                      "output is constant and gradients are zero (xhat = 0: dx = dgamma = 0); use a larger batch or "
+                      "another normalization", UserWarning, stacklevel=4)
+    return m
 
 
 def _channel(v, ndim):
@@ -70,10 +151,15 @@ def _affine_params(name, in_shape, dtype, min_rank=2):
     return in_shape, {"scale": jnp.ones((c,), dt), "offset": jnp.zeros((c,), dt)}
 
 
+_SPEC = {"scale": ("C",), "offset": ("C",)}
+
+
 def _check_x(name, x, params, min_rank=2):
+    """Params {"scale": (C,), "offset": (C,)}, one float dtype; x (N, ..., C) of that dtype."""
+    sizes, dt = check_params(name, params, _SPEC)
     check_float(name, x)
     check_input(name, x, min_ndim=min_rank, what="input (N, ..., C)")
-    check_input(name, x, last=params["scale"].shape[0], dtype=params["scale"].dtype)
+    check_input(name, x, last=sizes["C"], dtype=dt)
 
 
 def _affine_backward(cache, dy, axes_all_but_c):
@@ -91,8 +177,13 @@ def batch_norm(momentum: float = 0.9, *, eps: float = 1e-5, dtype=None) -> Layer
     last (m = N L...); forward and backward as in the module docstring::
 
         y = gamma (x - mu_B) / sqrt(var_B + eps) + beta              (N, ..., C)
-        dX = r (dxhat - mean_R dxhat - xhat mean_R(dxhat xhat)),  dxhat = gamma dY
         dgamma = sum_R dY xhat (C,)     dbeta = sum_R dY (C,)
+        dX = gamma r (dY - dbeta/m - xhat dgamma/m)                  (N, ..., C)
+
+    (the general r (dxhat - mean_R dxhat - xhat mean_R(dxhat xhat)) with
+    its two means read off dbeta and dgamma: two reductions, not four).
+    A batch with m = 0 raises; m = 1 (one example, no spatial axes) warns
+    once: the output is then beta and every gradient but dbeta is zero.
 
     Evaluation (``train=False``): the running statistics of ``state`` replace
     mu_B, var_B; they are constants, so ``dX = gamma dY / sqrt(var + eps)``.
@@ -120,6 +211,8 @@ def batch_norm(momentum: float = 0.9, *, eps: float = 1e-5, dtype=None) -> Layer
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"batch_norm: momentum must be in [0, 1), got {momentum}")
     name = f"batch_norm({momentum})"
+    warned = []
+    two_reductions = _BN_TWO_REDUCTIONS
 
     def init(key, in_shape):
         del key
@@ -135,6 +228,7 @@ def batch_norm(momentum: float = 0.9, *, eps: float = 1e-5, dtype=None) -> Layer
         axes = tuple(range(x.ndim - 1))
         gamma, beta = params["scale"], params["offset"]
         if train:
+            _check_count(name, x.shape, math.prod(x.shape[:-1]), "the batch and spatial axes", warned)
             xhat, mu, var, r = _standardize(x, axes, eps)
             cache = {"xhat": xhat, "r": r, "scale": gamma,
                      "batch_mean": mu.reshape(-1), "batch_var": var.reshape(-1)}
@@ -152,7 +246,11 @@ def batch_norm(momentum: float = 0.9, *, eps: float = 1e-5, dtype=None) -> Layer
         check_same_shape(name, cache["xhat"], dy)
         axes = tuple(range(dy.ndim - 1))
         grads, dxhat = _affine_backward(cache, dy, axes)
-        if "batch_mean" in cache:                 # training: mu_B and var_B depend on x
+        if "batch_mean" in cache and two_reductions:      # training: mu_B and var_B depend on x
+            m = math.prod(dy.shape[:-1])
+            # forward was: xhat = (x - mu_B) r over R = axes; means read off dbeta, dgamma
+            dx = _standardize_backward_per_channel(dy, cache["xhat"], cache["r"], cache["scale"], grads, m)
+        elif "batch_mean" in cache:               # the same, with four reductions (A/B reference)
             dx = _standardize_backward(dxhat, cache["xhat"], cache["r"], axes)
         else:                                     # evaluation: forward was xhat = (x - mean) r, r constant
             dx = dxhat * cache["r"]
@@ -184,6 +282,7 @@ def layer_norm(*, eps: float = 1e-5, dtype=None) -> Layer:
     Params: ``{"scale": (C,), "offset": (C,)}`` (gamma = 1, beta = 0 at init).
     """
     name = "layer_norm"
+    warned = []
 
     def init(key, in_shape):
         del key
@@ -191,6 +290,7 @@ def layer_norm(*, eps: float = 1e-5, dtype=None) -> Layer:
 
     def forward(params, x):
         _check_x(name, x, params)
+        _check_count(name, x.shape, x.shape[-1], "the last axis", warned)
         xhat, _, _, r = _standardize(x, (x.ndim - 1,), eps)
         y = _channel(params["scale"], x.ndim) * xhat + _channel(params["offset"], x.ndim)
         return y, {"xhat": xhat, "r": r, "scale": params["scale"]}
@@ -215,7 +315,10 @@ def group_norm(groups: int, *, eps: float = 1e-5, dtype=None) -> Layer:
         dX = r (dxhat - mean_R dxhat - xhat mean_R(dxhat xhat)),  dxhat = gamma dY
         dgamma = sum_{N,...} dY xhat (C,)     dbeta = sum_{N,...} dY (C,)
 
-    (the mean_R and xhat taken in the grouped view). ``groups=1`` normalizes
+    (the mean_R and xhat taken in the grouped view). All four sums are
+    computed from two spatial sums S1 = sum_L dY, S2 = sum_L dY xhat, each
+    (N, C), as the module docstring derives: two passes over the full
+    tensors instead of four. ``groups=1`` normalizes
     each example over all its entries; ``groups=C`` is instance norm. No
     state: training and evaluation agree.
 
@@ -227,6 +330,8 @@ def group_norm(groups: int, *, eps: float = 1e-5, dtype=None) -> Layer:
     if not isinstance(groups, (int, np.integer)) or groups < 1:
         raise ValueError(f"group_norm: groups must be a positive int, got {groups!r}")
     name = f"group_norm({groups})"
+    warned = []
+    factored = _GN_FACTORED
 
     def grouped(shape):
         if shape[-1] % groups:
@@ -244,6 +349,8 @@ def group_norm(groups: int, *, eps: float = 1e-5, dtype=None) -> Layer:
     def forward(params, x):
         _check_x(name, x, params)
         xg = x.reshape(grouped(x.shape))                        # (N, ..., G, C/G)
+        _check_count(name, x.shape, math.prod(xg.shape[a] for a in reduce_axes(xg.ndim)),
+                     "the spatial axes and C/G channels of a group", warned)
         xhat_g, _, _, r = _standardize(xg, reduce_axes(xg.ndim), eps)
         xhat = xhat_g.reshape(x.shape)
         y = _channel(params["scale"], x.ndim) * xhat + _channel(params["offset"], x.ndim)
@@ -251,6 +358,8 @@ def group_norm(groups: int, *, eps: float = 1e-5, dtype=None) -> Layer:
 
     def backward(cache, dy):
         check_same_shape(name, cache["xhat"], dy)
+        if factored:
+            return _group_norm_backward_factored(cache, dy, grouped(dy.shape))
         grads, dxhat = _affine_backward(cache, dy, tuple(range(dy.ndim - 1)))
         gshape = grouped(dy.shape)
         # forward was: xhat_g = (xg - mu) r over (spatial, C/G), then reshaped back to (N, ..., C)
@@ -259,3 +368,25 @@ def group_norm(groups: int, *, eps: float = 1e-5, dtype=None) -> Layer:
         return grads, dxg.reshape(dy.shape)
 
     return Layer(init, forward, backward, name=name)
+
+
+def _group_norm_backward_factored(cache, dy, gshape):
+    """Group norm's backward with two reductions over the full tensor (module docstring):
+    S1[n,c] = sum_L dY, S2[n,c] = sum_L dY xhat; dbeta = sum_n S1, dgamma = sum_n S2;
+    mean_R(dxhat)[n,g] = (1/m) sum_{c in g} gamma_c S1[n,c], mean_R(dxhat xhat) likewise with S2;
+    dx = r (gamma dY - mean_R(dxhat) - xhat mean_R(dxhat xhat)) in the grouped view."""
+    xhat, gamma, r = cache["xhat"], cache["scale"], cache["r"]
+    nd, n, g, cg = dy.ndim, dy.shape[0], gshape[-2], gshape[-1]
+    spatial = tuple(range(1, nd - 1))
+    m = math.prod(dy.shape[1:-1]) * cg
+    s1 = dy.sum(axis=spatial)                                     # (N, C)
+    s2 = (dy * xhat).sum(axis=spatial)                            # (N, C)
+    grads = {"scale": s2.sum(axis=0),                             # forward was: y = gamma xhat + ...
+             "offset": s1.sum(axis=0)}                            # forward was: y = ... + beta
+    to_group = (n,) + (1,) * (nd - 2) + (g, 1)                    # (N, G) -> (N, 1..., G, 1), r's shape
+    mean_dxhat = (gamma[None, :] * s1).reshape(n, g, cg).sum(axis=-1).reshape(to_group) / m
+    mean_dxhat_xhat = (gamma[None, :] * s2).reshape(n, g, cg).sum(axis=-1).reshape(to_group) / m
+    dxhat = (dy * _channel(gamma, nd)).reshape(gshape)            # forward was: y = gamma xhat + beta
+    # forward was: xhat_g = (xg - mu) r over (spatial, C/G), reshaped back to (N, ..., C)
+    dxg = r * (dxhat - mean_dxhat - xhat.reshape(gshape) * mean_dxhat_xhat)
+    return grads, dxg.reshape(dy.shape)

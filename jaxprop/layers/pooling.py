@@ -43,6 +43,7 @@ from jax import lax
 
 from jaxprop.core import Layer, check_float, check_same_shape, shape_token, token_shape
 from jaxprop.layers import spatial as sp
+from jaxprop.layers._params import check_no_params
 
 
 def _pool_geometry(name, x_shape, window, stride, padding):
@@ -125,7 +126,7 @@ def max_pool(window, stride=None, padding="VALID") -> Layer:
     _check_window(name, window, stride)
 
     def forward(params, x):
-        del params
+        check_no_params(name, params)
         check_float(name, x)
         nd, spatial, ks, st, pads, circular, out = _pool_geometry(name, np.shape(x), window, stride, padding)
         xp = _pad(x, pads, circular, -jnp.inf)
@@ -190,7 +191,7 @@ def avg_pool(window, stride=None, padding="VALID", *, count_include_pad: bool = 
         return m
 
     def forward(params, x):
-        del params
+        check_no_params(name, params)
         check_float(name, x)
         nd, spatial, ks, st, pads, circular, out = _pool_geometry(name, np.shape(x), window, stride, padding)
         xp = _pad(x, pads, circular, 0.0)
@@ -232,7 +233,7 @@ def global_avg_pool() -> Layer:
         return (in_shape[0], in_shape[-1]), ()
 
     def forward(params, x):
-        del params
+        check_no_params(name, params)
         check_float(name, x)
         if np.ndim(x) < 3:
             raise ValueError(f"{name}: expected input of shape (N, spatial..., C) (rank >= 3, channels last), "

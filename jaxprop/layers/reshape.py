@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 from jaxprop.core import Layer, check_input, check_same_shape, shape_token, token_shape
+from jaxprop.layers._params import check_no_params
 
 
 def reshape(shape) -> Layer:
@@ -28,7 +29,7 @@ def reshape(shape) -> Layer:
         return out_of(tuple(in_shape)), ()
 
     def forward(params, x):
-        del params
+        check_no_params(name, params)
         check_input(name, x, min_ndim=1)
         return x.reshape(out_of(x.shape)), {"x_shape": shape_token(x)}
 
