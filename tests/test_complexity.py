@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import jaxprop as jp
-from jaxprop import complexity as cx
-from jaxprop import paths as px
+from jaxprop.studies import complexity as cx
+from jaxprop.studies import paths as px
 
 ACT = {"sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh, "relu": jax.nn.relu}
 
@@ -187,6 +187,14 @@ def test_count_ops_units():
         cx.count_ops(lambda u: jax.lax.fori_loop(0, 3, lambda i, c: c * 2.0, u), a)
 
 
+def test_forward_ops_without_the_loss_tail():
+    model = cx.mlp((3, 4, 2), "tanh", bias=True)
+    tail = cx.OpCount(mul=5 * 2 + 1, add=2 * 5 * 2 - 1)           # MSE over (5, 2): r, r*r, sum, /N
+    assert cx.forward_ops(model, 5, loss=False) + tail == cx.forward_ops(model, 5)
+    model, params, x, y = setup((3, 4, 2), "tanh", "same", True, 5)
+    assert cx.count_ops(lambda p: model.net.forward(p, x)[0], params) == cx.forward_ops(model, 5, loss=False)
+
+
 def test_simplest_network_counts_by_hand():
     """1-1-1, sigmoid, no bias, one example, each op listed in docs/complexity.md."""
     model = cx.mlp((1, 1, 1), bias=False)
@@ -280,8 +288,25 @@ def test_methods_reject_bad_input():
         px.influence_paths(model, params, x, y, 2, 0, 0)
     with pytest.raises(ValueError, match="step must be > 0"):
         cx.finite_difference_gradient(model, params, x, y, step=0.0)
-    with pytest.raises(ValueError, match="must be a jaxprop.complexity.MLP"):
+    with pytest.raises(ValueError, match="must be a jaxprop.studies.complexity.MLP"):
         px.path_gradient(model.net, params, x, y)
     with pytest.raises(ValueError, match="has no biases"):
         nb, pnb, _, _ = setup((2, 3, 1), "sigmoid", "same", False, 2)
         px.influence_paths(nb, pnb, x, y, 0, 0, 0, bias=True)
+
+
+# ----------------------------------------------------------------------------- layout
+
+def test_studies_stay_out_of_the_top_level_namespace():
+    """``import jaxprop`` does not load the study; the old import paths still work."""
+    import importlib
+    import subprocess
+    import sys
+    code = ("import sys, jaxprop; "
+            "loaded = [m for m in sys.modules if m.startswith(('jaxprop.studies', 'jaxprop.complexity', "
+            "'jaxprop.paths'))]; assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    old_cx, old_px = importlib.import_module("jaxprop.complexity"), importlib.import_module("jaxprop.paths")
+    for old, new in ((old_cx, cx), (old_px, px)):
+        assert old.__all__ == new.__all__
+        assert all(getattr(old, name) is getattr(new, name) for name in new.__all__)

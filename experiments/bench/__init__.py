@@ -1,0 +1,1 @@
+"""Benchmarks: step time, kernels, memory, compile time, scaling over devices."""

@@ -1,0 +1,1 @@
+"""Studies built on jaxprop.studies (the complexity study)."""

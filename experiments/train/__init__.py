@@ -1,0 +1,1 @@
+"""Training experiments run through the runner (jaxprop.runner / experiments/train.py)."""
