@@ -2,7 +2,7 @@
 from jaxprop import checkpoint, data, initializers, models, testing, train  # jp.train.fit, jp.data.load, ...
 from jaxprop.bridge import as_custom_vjp
 from jaxprop.check import GradientReport, check_gradients, check_layer
-from jaxprop.combinators import residual, serial
+from jaxprop.combinators import Cell, residual, scan, serial
 from jaxprop.core import Layer, Loss, call_forward, init_state, output_shape
 from jaxprop.grad import Sweep, forward_backward, grad, value_and_grad
 from jaxprop.layers.activations import (elementwise, elu, gelu, identity, leaky_relu, log_softmax, relu,
@@ -11,8 +11,10 @@ from jaxprop.layers.augment import random_shift
 from jaxprop.layers.conv import conv1d, conv2d
 from jaxprop.layers.dense import dense
 from jaxprop.layers.dropout import dropout
+from jaxprop.layers.embedding import embedding
 from jaxprop.layers.norm import batch_norm, group_norm, layer_norm
 from jaxprop.layers.pooling import avg_pool, global_avg_pool, max_pool
+from jaxprop.layers.recurrent import bidirectional, gru, lstm, rnn
 from jaxprop.layers.reshape import flatten, reshape
 from jaxprop.losses import mse, sigmoid_binary_cross_entropy, softmax_cross_entropy
 from jaxprop.precision import (LossScale, adjust_loss_scale, all_finite, cast_floating, dynamic_loss_scale,
@@ -23,13 +25,14 @@ from jaxprop.repeat import repeat, stack_params, unstack_params
 __version__ = "0.1.0"
 
 __all__ = [
-    "GradientReport", "Layer", "Loss", "LossScale", "Sweep",
-    "adjust_loss_scale", "all_finite", "as_custom_vjp", "avg_pool", "batch_norm", "call_forward",
-    "cast_floating", "check_gradients", "check_layer", "checkpoint", "conv1d", "conv2d",
-    "data", "dense", "dropout", "dynamic_loss_scale", "elementwise", "elu", "flatten",
-    "forward_backward", "gelu", "global_avg_pool", "grad", "group_norm", "identity", "init_state",
-    "initializers", "layer_norm", "leaky_relu", "log_softmax", "max_pool", "mixed_value_and_grad",
-    "models", "mse", "output_shape", "random_shift", "relu", "repeat", "reshape", "residual",
-    "serial", "sigmoid", "sigmoid_binary_cross_entropy", "silu", "softmax", "softmax_cross_entropy",
-    "softplus", "stack_params", "tanh", "testing", "train", "unstack_params", "value_and_grad",
+    "Cell", "GradientReport", "Layer", "Loss", "LossScale", "Sweep", "adjust_loss_scale",
+    "all_finite", "as_custom_vjp", "avg_pool", "batch_norm", "bidirectional", "call_forward",
+    "cast_floating", "check_gradients", "check_layer", "checkpoint", "conv1d", "conv2d", "data",
+    "dense", "dropout", "dynamic_loss_scale", "elementwise", "elu", "embedding", "flatten",
+    "forward_backward", "gelu", "global_avg_pool", "grad", "group_norm", "gru", "identity",
+    "init_state", "initializers", "layer_norm", "leaky_relu", "log_softmax", "lstm", "max_pool",
+    "mixed_value_and_grad", "models", "mse", "output_shape", "random_shift", "relu", "repeat",
+    "reshape", "residual", "rnn", "scan", "serial", "sigmoid", "sigmoid_binary_cross_entropy",
+    "silu", "softmax", "softmax_cross_entropy", "softplus", "stack_params", "tanh", "testing",
+    "train", "unstack_params", "value_and_grad",
 ]

@@ -93,6 +93,8 @@ class Case:
         eager scans that recompile per call).
       bad_shape: an input shape the layer must reject with a ValueError.
       nan: whether the NaN check applies (a NaN must reach y).
+      eager: whether the un-jitted gradient check runs too (off for scans
+        beyond a representative few: an eager scan compiles on every call).
     """
 
     name: str
@@ -104,6 +106,7 @@ class Case:
     fd: bool = True
     bad_shape: Optional[tuple] = None
     nan: bool = True
+    eager: bool = True
 
     def __str__(self):
         return self.name
@@ -114,6 +117,11 @@ def away_from_zero(key, shape, dtype):
     k1, k2 = jax.random.split(key)
     mag = 0.1 + jax.random.uniform(k1, shape, dtype)
     return jax.random.choice(k2, jnp.array([-1.0, 1.0], dtype), shape) * mag
+
+
+def token_ids(vocab: int):
+    """An ``x_fn`` for layers that read token ids: integers in [0, vocab)."""
+    return lambda key, shape, dtype: jax.random.randint(key, shape, 0, vocab)
 
 
 def _normal(key, shape, dtype):
@@ -211,6 +219,22 @@ CASES = [
         jp.residual(jp.serial(jp.conv1d(4, 3, bias=False), jp.batch_norm(), jp.tanh())),
         jp.max_pool(2), jp.global_avg_pool(), jp.dense(3)), (4, 12, 2), ctx={"train": True}),
     Case("random_shift", lambda: jp.random_shift(2), (3, 7, 2), ctx=_drop_ctx),
+    # Sequence layers. Recurrent cells run under jp.scan (forward lax.scan, backward the reverse
+    # scan): every cell at T = 1 and T > 1, both directions, both return_sequences modes; eager
+    # checks for one case per cell (an eager scan compiles on every call). Finite differences off
+    # for relu (kinks). More configurations, PyTorch equality and BPTT training: test_recurrent.py.
+    Case("embedding", lambda: jp.embedding(7, 3), (4, 5), x_fn=token_ids(7), bad_shape=(4, 5)),
+    Case("embedding_gru", lambda: jp.serial(jp.embedding(6, 3), jp.gru(4, return_sequences=False),
+                                            jp.dense(2)), (3, 5), x_fn=token_ids(6), fd=False, eager=False),
+    Case("rnn", lambda: jp.rnn(5), (3, 4, 2), bad_shape=(3, 4, 3)),
+    Case("rnn_relu_last", lambda: jp.rnn(4, activation="relu", return_sequences=False), (3, 5, 2),
+         fd=False, eager=False),
+    Case("gru", lambda: jp.gru(5), (3, 4, 2), bad_shape=(3, 4, 3), eager=False),
+    Case("gru_reverse_last_t1", lambda: jp.gru(3, return_sequences=False, reverse=True), (2, 1, 2)),
+    Case("lstm", lambda: jp.lstm(5), (3, 4, 2), bad_shape=(3, 4, 3), eager=False),
+    Case("lstm_reverse_last", lambda: jp.lstm(4, return_sequences=False, reverse=True), (2, 5, 3)),
+    Case("bidirectional", lambda: jp.bidirectional(jp.rnn(3), jp.gru(2, reverse=True)), (2, 4, 3),
+         eager=False),
 ]
 """Every jaxprop layer, each configuration once: ``tests/test_layers.py`` runs
 every generic check on each. Adding a layer adds one entry here."""
@@ -346,8 +370,11 @@ def _check_dtypes(dtypes):
 def check_backward(case: Case, dtype=None, jit: bool = False, seed: int = 0):
     """The hand backward against ``jax.vjp`` of the forward (``check_layer``,
     random cotangent); with finite differences in float64 when eager and
-    ``case.fd``."""
+    ``case.fd``. Returns a reason (and checks nothing) for an eager run of a
+    case with ``eager=False``."""
     dtype = _resolve_dtype(dtype)
+    if not jit and not case.eager:
+        return "eager run off for this case (case.eager=False); the jitted check covers it"
     layer, params, x, ctx = setup(case, dtype, seed)
     rtol = case.rtol32 if (dtype == jnp.float32 and case.rtol32) else None
     fd = case.fd and dtype == jnp.float64 and not jit

@@ -1,0 +1,131 @@
+"""Step time and memory of hand-written BPTT against jax.grad through the same scan.
+
+The network is the MNIST-1D sequence model: a recurrent layer (last state) then a dense
+layer to 10 classes, on a batch of (N, T, 1) sequences (MNIST-1D: T = 40 steps of one
+feature). Both training steps (gradient + Adam update, one ``jax.jit``) run on the same
+network, batch and parameters; they differ only in the gradient function
+(``jp.value_and_grad`` vs ``jaxprop.autodiff.value_and_grad``). After warm-up the two are
+timed in pairs, alternating which goes first, and the median of the per-pair ratios
+hand / autodiff is reported (pairing cancels drifts in machine load). Memory is XLA's own
+account of each compiled step (``jax.jit(step).lower(...).compile().memory_analysis()``):
+temporaries (the scan's stacked caches live there) and the total with arguments and outputs.
+
+    python -m experiments.bench.rnn_bptt                        # gru(128), about a minute
+    python -m experiments.bench.rnn_bptt --cell lstm --hidden 128
+
+Writes ``experiments/bench/results/rnn_bptt-<cell><hidden>[-TAG].json`` and prints the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxprop as jp
+from jaxprop import autodiff
+from jaxprop.layers.recurrent import gru, lstm, rnn
+
+CELLS = {"gru": gru, "lstm": lstm, "rnn": rnn}
+
+
+def _memory(compiled):
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return {"temp_bytes": int(m.temp_size_in_bytes),
+            "total_bytes": int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+                               - m.alias_size_in_bytes)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cell", choices=sorted(CELLS), default="gru")
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--length", type=int, default=40, help="time steps (MNIST-1D: 40)")
+    ap.add_argument("--features", type=int, default=1)
+    ap.add_argument("--pairs", type=int, default=60, help="timed (hand, autodiff) pairs")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args(argv)
+
+    net = jp.serial(CELLS[args.cell](args.hidden, return_sequences=False), jp.dense(10))
+    loss = jp.softmax_cross_entropy()
+    tx = optax.adam(1e-3)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((args.batch_size, args.length, args.features)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, args.batch_size))
+    _, params = net.init(jax.random.key(0), x.shape)
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
+    opt_state = tx.init(params)
+
+    def make_step(vg):
+        def step(p, s, xx, yy):
+            value, grads = vg(p, xx, yy)
+            updates, s = tx.update(grads, s, p)
+            return optax.apply_updates(p, updates), s, value
+        return jax.jit(step)
+
+    steps = {"hand": make_step(jp.value_and_grad(net, loss)),
+             "autodiff": make_step(autodiff.value_and_grad(net, loss))}
+    report = {"cell": args.cell, "hidden": args.hidden, "batch": args.batch_size, "length": args.length,
+              "features": args.features, "dtype": "float32", "backend": jax.default_backend(),
+              "devices": len(jax.devices()), "cpus": os.cpu_count(),
+              "load_average_1min_at_start": round(os.getloadavg()[0], 2)}
+    compiled = {}
+    for name, step in steps.items():
+        t0 = time.perf_counter()
+        compiled[name] = step.lower(params, opt_state, x, y).compile()
+        report[f"compile_s_{name}"] = round(time.perf_counter() - t0, 3)
+        report[f"memory_{name}"] = _memory(compiled[name])
+
+    # same numbers first: the two steps are the same update
+    out = {n: c(params, opt_state, x, y) for n, c in compiled.items()}
+    report["value_rel_diff"] = float(abs(out["hand"][2] - out["autodiff"][2]) / abs(out["autodiff"][2]))
+    report["param_max_abs_diff_after_1_step"] = max(
+        float(jnp.max(jnp.abs(a - b))) for a, b in
+        zip(jax.tree_util.tree_leaves(out["hand"][0]), jax.tree_util.tree_leaves(out["autodiff"][0])))
+
+    def timed(name):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled[name](params, opt_state, x, y))
+        return time.perf_counter() - t0
+
+    for _ in range(args.warmup):
+        timed("hand"), timed("autodiff")
+    times, ratios = {"hand": [], "autodiff": []}, []
+    for i in range(args.pairs):
+        order = ("hand", "autodiff") if i % 2 == 0 else ("autodiff", "hand")
+        t = {n: timed(n) for n in order}
+        for n in t:
+            times[n].append(t[n])
+        ratios.append(t["hand"] / t["autodiff"])
+    for n, ts in times.items():
+        report[f"step_ms_{n}"] = round(1e3 * statistics.median(ts), 3)
+    report["ratio_hand_over_autodiff_median"] = round(statistics.median(ratios), 4)
+    q = np.quantile(ratios, [0.25, 0.75])
+    report["ratio_iqr"] = [round(float(q[0]), 4), round(float(q[1]), 4)]
+    report["pairs"] = args.pairs
+    for n in ("hand", "autodiff"):
+        m = report[f"memory_{n}"]
+        if m:
+            report[f"temp_MiB_{n}"] = round(m["temp_bytes"] / 2**20, 3)
+
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"rnn_bptt-{args.cell}{args.hidden}" + (f"-{args.tag}" if args.tag else "") + ".json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
