@@ -235,6 +235,29 @@ CASES = [
     Case("lstm_reverse_last", lambda: jp.lstm(4, return_sequences=False, reverse=True), (2, 5, 3)),
     Case("bidirectional", lambda: jp.bidirectional(jp.rnn(3), jp.gru(2, reverse=True)), (2, 4, 3),
          eager=False),
+    # Attention (save="probs" keeps P; save="lse" is blocked over keys with an online softmax, no T x T
+    # array) with T not a multiple of block_size, causal and not, 1-4 heads; finite differences off:
+    # dJ/dbk is exactly 0 (softmax ignores a per-row shift), so its difference quotient is pure noise.
+    # More (PyTorch equality, the no-T-by-T-array check): tests/test_attention.py, test_transformer.py.
+    Case("attention", lambda: jp.attention(2), (2, 5, 8), bad_shape=(2, 5, 6), fd=False),
+    Case("attention_causal", lambda: jp.attention(4, causal=True), (2, 6, 8), fd=False, eager=False),
+    Case("attention_lse", lambda: jp.attention(1, save="lse", block_size=4), (2, 7, 6), fd=False,
+         eager=False),
+    Case("attention_lse_causal", lambda: jp.attention(3, causal=True, save="lse", block_size=4), (2, 10, 6),
+         fd=False, eager=False),
+    Case("positional_embedding", lambda: jp.positional_embedding(8), (2, 5, 4), bad_shape=(2, 9, 4)),
+    Case("transformer_block", lambda: jp.transformer_block(2), (2, 5, 8), bad_shape=(2, 5, 6), fd=False,
+         eager=False),
+    Case("transformer_block_lse", lambda: jp.transformer_block(1, mlp_ratio=2, causal=False, save="lse"),
+         (2, 6, 4), fd=False, eager=False),
+    # remat(layer): caches only the input, re-runs the forward in backward (tests/test_remat.py
+    # compares each with the plain layer and measures the memory).
+    Case("remat", lambda: jp.remat(jp.serial(jp.dense(6), jp.tanh(), jp.dense(5))), (4, 5), bad_shape=(4, 6)),
+    Case("remat_dropout", lambda: jp.remat(jp.serial(jp.dense(6), jp.dropout(0.5), jp.dense(3))), (4, 5),
+         ctx=_drop_ctx, eager=False),
+    Case("remat_batch_norm", lambda: jp.remat(jp.batch_norm(0.8)), (6, 3), ctx={"train": True}, eager=False),
+    Case("remat_transformer_block", lambda: jp.remat(jp.transformer_block(2)), (2, 4, 4), fd=False,
+         eager=False),
 ]
 """Every jaxprop layer, each configuration once: ``tests/test_layers.py`` runs
 every generic check on each. Adding a layer adds one entry here."""
@@ -545,6 +568,9 @@ def run_case(case: Case, dtypes=None, jit=(False, True), seed: int = 0) -> dict:
             reason = run()
         except AssertionError as err:
             failures.append(f"{case.name}: {name} FAILED\n{err}")
+            results[name] = "FAILED"
+        except Exception as err:                 # a check that crashes the layer fails, and says how
+            failures.append(f"{case.name}: {name} FAILED: raised {type(err).__name__}: {err}")
             results[name] = "FAILED"
         else:
             results[name] = "ok" if reason is None else f"skipped: {reason}"

@@ -4,6 +4,8 @@
 * :func:`residual` -- ``x + block(x)``; the two paths' gradients sum.
 * :func:`repeat` -- n shape-keeping blocks as one ``lax.scan`` (and a reverse
   scan), with :func:`stack_params` / :func:`unstack_params` for its layout.
+* :func:`remat` -- caches only a layer's input; its backward re-runs the
+  forward first (recomputation instead of storage).
 * :func:`scan` -- a recurrent :class:`Cell` over time: forward ``lax.scan``,
   backward the hand-written reverse scan (backprop through time).
 
@@ -11,9 +13,10 @@ Every combinator's forward is ``forward(params, x, **ctx)``: it splits
 ``key`` per child, hands each child its ``state``, and passes every other
 context keyword on (see :mod:`jaxprop.core`).
 """
+from jaxprop.combinators.remat import remat
 from jaxprop.combinators.repeat import repeat, stack_params, unstack_params
 from jaxprop.combinators.residual import residual
 from jaxprop.combinators.scan import Cell, scan
 from jaxprop.combinators.serial import serial
 
-__all__ = ["Cell", "repeat", "residual", "scan", "serial", "stack_params", "unstack_params"]
+__all__ = ["Cell", "remat", "repeat", "residual", "scan", "serial", "stack_params", "unstack_params"]

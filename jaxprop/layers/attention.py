@@ -1,0 +1,306 @@
+r"""Multi-head self-attention with its projections, backward written by hand.
+
+Shapes: x, y (N, T, D); H heads of width d = D / H; per head Q, K, V, O are
+(N, H, T, d) and S, P are (N, H, T, T). Head h is the columns h d:(h+1) d
+of the (N, T, D) projections.
+
+Forward::
+
+    Q = x Wq + bq,   K = x Wk + bk,   V = x Wv + bv           (N, T, D) -> heads (N, H, T, d)
+    S = Q K^T / sqrt(d)          S_ij = sum_c Q_ic K_jc / sqrt(d)        (-inf for j > i if causal)
+    P = softmax_j(S)             P_ij = exp(S_ij - lse_i),  lse_i = log sum_j exp(S_ij)
+    O = P V                      O_ic = sum_j P_ij V_jc
+    y = concat_h(O) Wo + bo
+
+Backward, one line per forward line, from the bottom up (Oc = concat_h(O),
+(N, T, D); dO its gradient cut back into heads)::
+
+    dWo = Oc^T dy  (D, D)     dbo = sum_{N,T} dy  (D,)    dOc = dy Wo^T  (N, T, D)
+    dV  = P^T dO              (T, T)^T @ (T, d) -> (T, d)    dV_jc = sum_i P_ij dO_ic
+    dP  = dO V^T              (T, d) @ (d, T)  -> (T, T)     dP_ij = sum_c dO_ic V_jc
+    dS  = P * (dP - Delta)    (T, T)   with Delta_i = sum_j P_ij dP_ij = sum_c dO_ic O_ic
+    dQ  = dS K / sqrt(d)      (T, T) @ (T, d)  -> (T, d)
+    dK  = dS^T Q / sqrt(d)    (T, T)^T @ (T, d) -> (T, d)
+    dWq = x^T dQc, dbq = sum_{N,T} dQc  (and the same for K, V with dKc, dVc)
+    dx  = dQc Wq^T + dKc Wk^T + dVc Wv^T        (x fans out to three projections: paths sum)
+
+The softmax Jacobian is folded into dS. Row i of P depends on row i of S
+only, with dP_ij / dS_ik = P_ij (delta_jk - P_ik), so::
+
+    dS_ik = sum_j dP_ij P_ij (delta_jk - P_ik) = P_ik (dP_ik - sum_j P_ij dP_ij)
+
+and sum_j P_ij dP_ij = sum_j P_ij sum_c dO_ic V_jc = sum_c dO_ic O_ic: Delta
+is a rowsum over d entries of dO * O, never needing the (T, T) product. A
+masked entry has P_ij = 0, hence dS_ij = 0: the mask needs no backward.
+Each row of dS sums to zero (sum_k P_ik dP_ik - Delta_i sum_k P_ik = 0), so
+dbk = sum_j dK_j = 0 up to rounding: bk shifts row i of S by a constant,
+which softmax ignores (a finite-difference check of dbk sees only noise).
+
+``save="probs"`` caches P (N, H, T, T) and runs the lines above.
+
+``save="lse"`` (the idea of FlashAttention, Dao et al. 2022, in plain
+``jax.numpy``/``lax``) never forms a (T, T) array, forward or backward. The
+keys are cut into blocks of ``block_size`` columns (the last block padded and
+masked). The forward is a ``lax.scan`` over key blocks with an online
+softmax: for block b with scores S_b = Q K_b^T / sqrt(d), (N, H, T, B)::
+
+    m'  = max(m, rowmax S_b)                        running row maximum
+    l'  = l exp(m - m') + rowsum exp(S_b - m')      running row sum of exp
+    A'  = A exp(m - m') + exp(S_b - m') V_b         running unnormalized O
+    after the last block:  O = A / l,  lse = m + log l   (N, H, T)
+
+It caches only x, Q, K, V, O and lse. The backward is a second scan over the
+key blocks that rebuilds each block of P from the log-sum-exp,
+P_b = exp(S_b - lse), then applies the lines above to that block::
+
+    dV_b = P_b^T dO,  dP_b = dO V_b^T,  dS_b = P_b * (dP_b - Delta),
+    dK_b = dS_b^T Q / sqrt(d),  dQ += dS_b K_b / sqrt(d)     (dQ is the scan's carry)
+
+so the largest intermediate is (N, H, T, block_size). Gradients equal
+``save="probs"`` up to rounding.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxprop import initializers
+from jaxprop.core import Layer, check_float, check_input, check_same_shape, default_float
+
+SAVE_MODES = ("probs", "lse")
+
+
+def _heads(a, h):
+    """(N, T, D) -> (N, H, T, d): head h is the columns h d:(h+1) d."""
+    n, t, dim = a.shape
+    return a.reshape(n, t, h, dim // h).transpose(0, 2, 1, 3)
+
+
+def _merge(a):
+    """(N, H, T, d) -> (N, T, D), the inverse of :func:`_heads`."""
+    n, h, t, d = a.shape
+    return a.transpose(0, 2, 1, 3).reshape(n, t, h * d)
+
+
+def _bias(b, ndim):
+    return b.reshape((1,) * (ndim - 1) + (b.shape[0],))        # b[None, None, :]
+
+
+def _acc(dtype):
+    """Accumulation dtype: float32 for half-precision inputs, else the input's own."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _mm(spec, a, b, dtype):
+    """einsum of a and b in the input dtype ``dtype``, accumulated in ``_acc(dtype)``."""
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=_acc(dtype))
+
+
+def _scores(q, k, scale):
+    """S = Q K^T / sqrt(d): (N, H, Tq, d), (N, H, Tk, d) -> (N, H, Tq, Tk), accumulation dtype."""
+    return _mm("nhic,nhjc->nhij", q, k, q.dtype) * scale
+
+
+def _probs_forward(q, k, v, causal, scale):
+    """Full softmax attention: returns O (N, H, T, d) and P (N, H, T, T)."""
+    t, dt = q.shape[2], q.dtype
+    s = _scores(q, k, scale)
+    if causal:
+        keep = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]        # (T, T): j <= i
+        s = jnp.where(keep[None, None], s, -jnp.inf)
+    e = jnp.exp(s - s.max(axis=-1, keepdims=True))
+    p = (e / e.sum(axis=-1, keepdims=True)).astype(dt)
+    return _mm("nhij,nhjc->nhic", p, v, dt).astype(dt), p
+
+
+def _probs_backward(q, k, v, o, p, do, scale):
+    dt = q.dtype
+    dv = _mm("nhij,nhic->nhjc", p, do, dt)                    # forward was: O = P V
+    dp = _mm("nhic,nhjc->nhij", do, v, dt)                    # forward was: O = P V
+    delta = (do.astype(dp.dtype) * o).sum(axis=-1, keepdims=True)   # rowsum(dO * O) = rowsum(P * dP)
+    ds = p * (dp - delta)                                     # forward was: P = softmax(S)
+    dq = _mm("nhij,nhjc->nhic", ds, k, dt) * scale            # forward was: S = Q K^T / sqrt(d)
+    dk = _mm("nhij,nhic->nhjc", ds, q, dt) * scale            # forward was: S = Q K^T / sqrt(d)
+    return dq.astype(dt), dk.astype(dt), dv.astype(dt)
+
+
+def _blocks(a, b, nb):
+    """(N, H, T, d) -> (nb, N, H, b, d): key blocks, the last zero-padded to b rows."""
+    n, h, t, d = a.shape
+    a = jnp.pad(a, ((0, 0), (0, 0), (0, nb * b - t), (0, 0)))
+    return a.reshape(n, h, nb, b, d).transpose(2, 0, 1, 3, 4)
+
+
+def _unblocks(a, t):
+    """(nb, N, H, b, d) -> (N, H, T, d): inverse of :func:`_blocks` (padding dropped)."""
+    nb, n, h, b, d = a.shape
+    return a.transpose(1, 2, 0, 3, 4).reshape(n, h, nb * b, d)[:, :, :t]
+
+
+def _block_keep(j, b, t, causal):
+    """(T, b) boolean: which keys of block j each query may see (padding and causal mask)."""
+    kidx = j * b + jnp.arange(b)                              # key positions of block j
+    keep = jnp.broadcast_to(kidx[None, :] < t, (t, b))
+    if causal:
+        keep = keep & (kidx[None, :] <= jnp.arange(t)[:, None])
+    return keep
+
+
+def _lse_forward(q, k, v, causal, scale, block):
+    """Online-softmax forward over key blocks: O (N, H, T, d) and lse (N, H, T).
+
+    The running statistics m, l and the unnormalized output accumulate in
+    float32 for half-precision inputs (``_acc``)."""
+    n, h, t, d = q.shape
+    dt, at = q.dtype, _acc(q.dtype)
+    b = min(block, t)
+    nb = -(-t // b)
+    m0 = jnp.full((n, h, t, 1), -jnp.inf, at)
+    l0 = jnp.zeros((n, h, t, 1), at)
+    a0 = jnp.zeros((n, h, t, d), at)
+
+    def step(carry, xs):
+        m, l, acc = carry
+        j, kb, vb = xs
+        s = jnp.where(_block_keep(j, b, t, causal)[None, None], _scores(q, kb, scale), -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=-1, keepdims=True))   # finite: key 0 is in block 0
+        alpha = jnp.exp(m - m_new)                               # rescales what came before
+        e = jnp.exp(s - m_new)                                   # (N, H, T, b)
+        l_new = alpha * l + e.sum(axis=-1, keepdims=True)
+        acc_new = alpha * acc + _mm("nhij,nhjc->nhic", e, vb, dt)
+        return (m_new, l_new, acc_new), None
+
+    (m, l, acc), _ = lax.scan(step, (m0, l0, a0), (jnp.arange(nb), _blocks(k, b, nb), _blocks(v, b, nb)))
+    return (acc / l).astype(dt), (m + jnp.log(l))[..., 0]
+
+
+def _lse_backward(q, k, v, o, lse, do, causal, scale, block):
+    """Blocked backward: P_b rebuilt from lse, one key block at a time."""
+    t, dt = q.shape[2], q.dtype
+    b = min(block, t)
+    nb = -(-t // b)
+    delta = (do.astype(lse.dtype) * o).sum(axis=-1, keepdims=True)   # (N, H, T, 1) rowsum(dO * O)
+    lse = lse[..., None]
+
+    def step(dq, xs):
+        j, kb, vb = xs
+        keep = _block_keep(j, b, t, causal)[None, None]
+        # forward was: P_b = exp(S_b - lse), masked entries 0
+        p = jnp.exp(jnp.where(keep, _scores(q, kb, scale) - lse, -jnp.inf))
+        dvb = _mm("nhij,nhic->nhjc", p, do, dt)               # forward was: O = sum_b P_b V_b
+        dp = _mm("nhic,nhjc->nhij", do, vb, dt)               # forward was: O = sum_b P_b V_b
+        ds = p * (dp - delta)                                 # forward was: P = softmax(S)
+        dkb = _mm("nhij,nhic->nhjc", ds, q, dt) * scale       # forward was: S_b = Q K_b^T / sqrt(d)
+        dq = dq + _mm("nhij,nhjc->nhic", ds, kb, dt) * scale
+        return dq, (dkb.astype(dt), dvb.astype(dt))
+
+    dq0 = jnp.zeros(q.shape, lse.dtype)
+    dq, (dk, dv) = lax.scan(step, dq0, (jnp.arange(nb), _blocks(k, b, nb), _blocks(v, b, nb)))
+    return dq.astype(dt), _unblocks(dk, t), _unblocks(dv, t)
+
+
+def attention(heads: int, *, causal: bool = False, save: str = "probs", block_size: int = 128,
+              dtype=None) -> Layer:
+    r"""Multi-head self-attention ``(N, T, D) -> (N, T, D)`` (see the module docstring).
+
+    Forward: Q, K, V = x Wq + bq, x Wk + bk, x Wv + bv, cut into ``heads``
+    heads of width d = D / heads; per head O = softmax(Q K^T / sqrt(d)) V (with
+    -inf above the diagonal when ``causal``); y = concat_h(O) Wo + bo. Equal to
+    PyTorch's ``scaled_dot_product_attention`` on the same projections.
+
+    Backward (the module docstring derives it), per head::
+
+        dV = P^T dO     dP = dO V^T     dS = P * (dP - rowsum(dO * O))
+        dQ = dS K / sqrt(d)     dK = dS^T Q / sqrt(d)
+        dWq = x^T dQc (D, D), dbq = sum_{N,T} dQc (D,) (same for k, v);  dWo = Oc^T dy, dbo = sum dy
+        dx = dQc Wq^T + dKc Wk^T + dVc Wv^T   (N, T, D)
+
+    Args:
+      heads: H, must divide D (a ``ValueError`` at init otherwise).
+      causal: position i attends to positions j <= i only.
+      save: ``"probs"`` caches P (N, H, T, T); ``"lse"`` caches only the row
+        log-sum-exp (N, H, T) and runs forward and backward over key blocks,
+        so no (T, T) array ever exists (memory O(T block_size) per head).
+      block_size: key-block width for ``save="lse"`` (T need not be a multiple).
+      dtype: parameter dtype (default: float64 under x64, else float32). For
+        half-precision inputs (bfloat16, float16) the matmuls take the input
+        dtype and accumulate in float32, and the scores, softmax statistics
+        (running max and sum, lse) and dQ are float32; P is cached in the
+        input dtype.
+
+    Params: ``{"wq", "wk", "wv", "wo": (D, D), "bq", "bk", "bv", "bo": (D,)}``;
+    the matrices start Glorot-uniform (as PyTorch's MultiheadAttention), the
+    biases at zero.
+    """
+    if not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"attention: heads must be a positive int, got {heads!r}")
+    if save not in SAVE_MODES:
+        raise ValueError(f"attention: save must be 'probs' or 'lse', got {save!r}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"attention: block_size must be a positive int, got {block_size!r}")
+    name = f"attention({heads}{', causal' if causal else ''}, save={save})"
+    glorot = initializers.get("glorot")
+
+    def init(key, in_shape):
+        in_shape = tuple(in_shape)
+        if len(in_shape) != 3:
+            raise ValueError(f"{name}: in_shape must be (N, T, D), got {in_shape}")
+        dim = in_shape[-1]
+        if dim % heads:
+            raise ValueError(f"{name}: heads={heads} must divide the model width D; got D={dim} "
+                             f"(in_shape {in_shape})")
+        dt = dtype or default_float()
+        ks = jax.random.split(key, 4)
+        params = {}
+        for kk, w in zip(ks, ("wq", "wk", "wv", "wo")):
+            params[w] = glorot(kk, (dim, dim), dt, dim, dim)
+        for b in ("bq", "bk", "bv", "bo"):
+            params[b] = jnp.zeros((dim,), dt)
+        return in_shape, params
+
+    def forward(params, x):
+        wq = params["wq"]
+        dim = wq.shape[0]
+        check_float(name, x)
+        check_input(name, x, ndim=3, what="input (N, T, D)")
+        check_input(name, x, last=dim, dtype=wq.dtype)
+        if dim % heads:
+            raise ValueError(f"{name}: heads={heads} must divide D={dim}")
+        scale = 1.0 / math.sqrt(dim // heads)
+        q, k, v = (_heads(x @ params["w" + c] + _bias(params["b" + c], 3), heads) for c in "qkv")
+        cache = {"x": x, "q": q, "k": k, "v": v,
+                 "wq": wq, "wk": params["wk"], "wv": params["wv"], "wo": params["wo"]}
+        if save == "probs":
+            o, cache["p"] = _probs_forward(q, k, v, causal, scale)
+        else:
+            o, cache["lse"] = _lse_forward(q, k, v, causal, scale, block_size)
+        oc = _merge(o)                                          # (N, T, D)
+        cache["o"] = oc
+        return oc @ params["wo"] + _bias(params["bo"], 3), cache
+
+    def backward(cache, dy):
+        x, oc = cache["x"], cache["o"]
+        check_same_shape(name, x, dy)
+        dim = x.shape[-1]
+        scale = 1.0 / math.sqrt(dim // heads)
+        x2, dy2 = x.reshape(-1, dim), dy.reshape(-1, dim)       # (M, D) rows, M = N T
+        grads = {"wo": oc.reshape(-1, dim).T @ dy2,             # forward was: y = Oc @ Wo + bo
+                 "bo": dy2.sum(axis=0)}
+        do = _heads(dy @ cache["wo"].T, heads)                  # forward was: y = Oc @ Wo
+        q, k, v, o = cache["q"], cache["k"], cache["v"], _heads(oc, heads)
+        if save == "probs":
+            dq, dk, dv = _probs_backward(q, k, v, o, cache["p"], do, scale)
+        else:
+            dq, dk, dv = _lse_backward(q, k, v, o, cache["lse"], do, causal, scale, block_size)
+        dx = jnp.zeros_like(x)
+        for c, dh in zip("qkv", (dq, dk, dv)):
+            dc = _merge(dh)                                     # forward was: Q = x Wq + bq (etc.)
+            grads["w" + c] = x2.T @ dc.reshape(-1, dim)
+            grads["b" + c] = dc.reshape(-1, dim).sum(axis=0)
+            dx = dx + dc @ cache["w" + c].T                     # fan-out of x: the paths sum
+        return {w: grads[w] for w in ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo")}, dx
+
+    return Layer(init, forward, backward, name=name)

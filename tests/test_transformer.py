@@ -1,0 +1,83 @@
+"""transformer_block: registry cases, equal to its composition, save modes agree, equal to PyTorch."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprop as jp
+from jaxprop.combinators import residual, serial
+from jaxprop.layers.activations import gelu
+from jaxprop.layers.attention import attention
+from jaxprop.layers.dense import dense
+from jaxprop.layers.norm import layer_norm
+from jaxprop.layers.transformer import transformer_block
+
+try:
+    from jaxprop.testing import Case
+except ImportError:                                   # before the registry moved into the library
+    from cases import Case
+
+# Finite differences off: attention's dJ/dbk is exactly 0 (see tests/test_attention.py).
+# Registry entries (transformer_block, transformer_block_lse) are in jaxprop.testing.CASES.
+
+
+def test_block_is_its_composition_and_save_modes_agree():
+    shape, dy_key = (2, 7, 6), jax.random.key(9)
+    block = transformer_block(3, mlp_ratio=2)
+    _, params = block.init(jax.random.key(0), shape)
+    _, params_c = _composition(3, 2, 6, True, "probs").init(jax.random.key(0), shape)
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(params_c)
+    assert params[1][1]["w"].shape == (6, 12) and params[1][3]["w"].shape == (12, 6)
+    x = jax.random.normal(jax.random.key(1), shape)
+    dy = jax.random.normal(dy_key, shape)
+    outs = []
+    for layer in (block, _composition(3, 2, 6, True, "probs"), transformer_block(3, mlp_ratio=2, save="lse")):
+        outs.append(jax.jit(lambda p, xx, layer=layer: _run(layer, p, xx, dy))(params, x))
+    for a, b in zip(jax.tree_util.tree_leaves(outs[0]), jax.tree_util.tree_leaves(outs[1])):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree_util.tree_leaves(outs[0]), jax.tree_util.tree_leaves(outs[2])):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_block_errors():
+    with pytest.raises(ValueError, match="heads=3 must divide"):
+        transformer_block(3).init(jax.random.key(0), (2, 4, 8))
+    for bad in (dict(save="x"), dict(mlp_ratio=0)):
+        with pytest.raises(ValueError, match="transformer_block"):
+            transformer_block(2, **bad)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_block_equals_pytorch(causal):
+    torch = pytest.importorskip("torch")
+    f = torch.nn.functional
+    heads, shape = 2, (2, 9, 8)
+    block = transformer_block(heads, causal=causal, save="lse")
+    _, params = block.init(jax.random.key(0), shape)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    leaves = [a + 0.1 * jax.random.normal(jax.random.fold_in(jax.random.key(4), i), a.shape)
+              for i, a in enumerate(leaves)]                   # nonzero biases, non-unit scales
+    params = jax.tree_util.tree_unflatten(treedef, leaves)
+    x = jax.random.normal(jax.random.key(1), shape)
+    dy = jax.random.normal(jax.random.key(2), shape)
+    y, (grads, dx) = jax.jit(lambda p, xx: _run(block, p, xx, dy))(params, x)
+
+    tl = [torch.tensor(np.asarray(a), requires_grad=True) for a in leaves]
+    (ln1, at), (ln2, fc, _, proj) = jax.tree_util.tree_unflatten(treedef, tl)
+    tx = torch.tensor(np.asarray(x), requires_grad=True)
+    n, t, dim = shape
+
+    def mha(h):
+        q, k, v = ((h @ at["w" + c] + at["b" + c]).reshape(n, t, heads, dim // heads).transpose(1, 2)
+                   for c in "qkv")
+        o = f.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return o.transpose(1, 2).reshape(n, t, dim) @ at["wo"] + at["bo"]
+
+    hid = tx + mha(f.layer_norm(tx, (dim,), ln1["scale"], ln1["offset"], eps=1e-5))
+    u = f.layer_norm(hid, (dim,), ln2["scale"], ln2["offset"], eps=1e-5)
+    ty = hid + f.gelu(u @ fc["w"] + fc["b"], approximate="tanh") @ proj["w"] + proj["b"]
+    ty.backward(torch.tensor(np.asarray(dy)))
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-10, atol=1e-12)
+    for g, tg in zip(jax.tree_util.tree_leaves(grads), tl):
+        np.testing.assert_allclose(g, tg.grad.numpy(), rtol=1e-9, atol=1e-12)
