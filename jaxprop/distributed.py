@@ -1,7 +1,8 @@
 r"""Many devices and hosts through JAX's own SPMD machinery: meshes, shardings, ``jit``.
 
 jaxprop adds no communication of its own. The training step is the step of
-:func:`jaxprop.train.make_train_step`, compiled by one ``jax.jit``; this
+:func:`jaxprop.train.make_train_step` (the one step of jaxprop, also
+:func:`jaxprop.train.fit`'s), compiled by one ``jax.jit``; this
 module only tells ``jax.jit`` where every input and output lives
 (``in_shardings`` / ``out_shardings``) and XLA's SPMD partitioner does the
 rest::
@@ -40,6 +41,17 @@ devices, let each process load only its rows of every global batch
 (:func:`process_rows`) and assemble global arrays with :func:`shard_batch`.
 Replicated outputs are read with :func:`to_host`; only the process where
 :func:`is_primary` is true writes checkpoints and summaries.
+
+Steps in flight on CPU. Wait for a step's result (``jax.block_until_ready``)
+at least every 16 steps when the devices are CPU devices -- emulated ones
+(``--xla_force_host_platform_device_count``) or several per process.
+XLA:CPU runs every device's part of a step on one shared pool of
+max(cores, devices) threads; a step dispatched while its device already
+has 32 computations queued holds a pool thread until one finishes, and the
+gradient all-reduce needs every device's thread at once, so a loop that
+dispatches more than 32 steps without waiting can deadlock ("Termination
+timeout for 'all reduce'"). :func:`jaxprop.train.fit` waits every
+``jaxprop.train.loop.STEPS_IN_FLIGHT`` (16) steps.
 """
 from __future__ import annotations
 
@@ -50,6 +62,8 @@ import jax
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxprop.train.step import check_step_args, make_train_step, step_kind
 
 DATA = "data"
 MODEL = "model"
@@ -382,10 +396,7 @@ def data_parallel_step(grad_fn: Callable, tx: optax.GradientTransformation, mesh
         (per-device batch statistics or dropout masks would differ from the
         single-device step) and without tensor parallelism.
     """
-    if stateful is None:
-        stateful = bool(net is not None and net.stateful)
-    if stochastic is None:
-        stochastic = bool(net is not None and net.stochastic)
+    stateful, stochastic = step_kind(net, stateful, stochastic)
     if method not in ("partitioner", "psum"):
         raise ValueError(f"data_parallel_step: method must be 'partitioner' or 'psum', got {method!r}")
     if method == "psum" and (stateful or stochastic or tensor_parallel):
@@ -399,7 +410,6 @@ def data_parallel_step(grad_fn: Callable, tx: optax.GradientTransformation, mesh
         def grad_fn(*args, **kwargs):
             return jax.lax.pmean(local_grad_fn(*args, **kwargs), DATA)
 
-    from jaxprop.train import make_train_step      # the one training step of jaxprop
     train_step = make_train_step(grad_fn, tx, stateful=stateful, stochastic=stochastic, jit=False)
 
     def step(params, opt_state, x, y, key, state):  # positional: jit with shardings takes no kwargs
@@ -415,10 +425,7 @@ def data_parallel_step(grad_fn: Callable, tx: optax.GradientTransformation, mesh
                        tensor_parallel=tensor_parallel, min_features=min_features)
 
     def call(params, opt_state, x, y, key=None, state=None):
-        if stochastic and key is None:
-            raise ValueError("data_parallel_step: the network is stochastic (e.g. dropout); pass key=")
-        if stateful and state is None:
-            raise ValueError("data_parallel_step: the network has state (e.g. batch norm); pass state=")
+        check_step_args("data_parallel_step", stateful, stochastic, key, state)
         check_batch(np.shape(x)[0], mesh)
         return inner(params, opt_state, x, y, key, state)
 

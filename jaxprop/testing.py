@@ -62,11 +62,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jaxprop as jp
 from jaxprop.bridge import as_custom_vjp
 from jaxprop.check import check_gradients, check_layer
 from jaxprop.core import (Layer, Loss, call_forward, cast_floating, default_float, init_state,
                           is_floating, needs_key, output_shape)
+from jaxprop.combinators import remat, repeat, residual, serial
+from jaxprop.layers.activations import (elu, gelu, identity, leaky_relu, log_softmax, relu, sigmoid, silu,
+                                        softmax, softplus, tanh)
+from jaxprop.layers.attention import attention
+from jaxprop.layers.augment import random_shift
+from jaxprop.layers.conv import conv1d, conv2d
+from jaxprop.layers.dense import dense
+from jaxprop.layers.dropout import dropout
+from jaxprop.layers.embedding import embedding
+from jaxprop.layers.norm import batch_norm, group_norm, layer_norm
+from jaxprop.layers.pooling import avg_pool, global_avg_pool, max_pool
+from jaxprop.layers.positional import positional_embedding
+from jaxprop.layers.recurrent import bidirectional, gru, lstm, rnn
+from jaxprop.layers.reshape import flatten, reshape
+from jaxprop.layers.transformer import transformer_block
+from jaxprop.losses import mse
 
 __all__ = ["Case", "CASES", "away_from_zero", "setup", "assert_gradients_match", "run_case",
            "check_backward", "check_structure", "check_bridge", "check_bad_shape", "check_dy_shape",
@@ -171,92 +186,92 @@ def _bn_eval_ctx():
 
 
 CASES = [
-    Case("dense", lambda: jp.dense(7), (5, 4), bad_shape=(5, 3)),
-    Case("dense_nobias", lambda: jp.dense(3, bias=False, w_init="he"), (6, 5), bad_shape=(6, 4)),
-    Case("dense_3d", lambda: jp.dense(4, w_init="lecun"), (3, 2, 5), bad_shape=(3, 2, 4)),
-    Case("identity", lambda: jp.identity(), (4, 3)),
-    Case("sigmoid", lambda: jp.sigmoid(), (4, 6)),
-    Case("tanh", lambda: jp.tanh(), (4, 6)),
-    Case("relu", lambda: jp.relu(), (5, 6), x_fn=away_from_zero),
-    Case("relu_save_output", lambda: jp.relu(save="output"), (5, 6), x_fn=away_from_zero),
-    Case("leaky_relu", lambda: jp.leaky_relu(0.1), (5, 6), x_fn=away_from_zero),
-    Case("elu", lambda: jp.elu(0.7), (5, 6), x_fn=away_from_zero),
-    Case("softplus", lambda: jp.softplus(), (4, 6)),
-    Case("gelu", lambda: jp.gelu(), (4, 6)),
-    Case("gelu_tanh", lambda: jp.gelu(approximate=True), (4, 6)),
-    Case("silu", lambda: jp.silu(), (4, 6)),
-    Case("softmax", lambda: jp.softmax(), (4, 5)),
-    Case("log_softmax", lambda: jp.log_softmax(), (4, 5)),
-    Case("flatten", lambda: jp.flatten(), (3, 2, 4)),
-    Case("reshape", lambda: jp.reshape((4, -1)), (3, 2, 4)),
-    Case("dropout_train", lambda: jp.dropout(0.3), (6, 5), ctx=_drop_ctx),
-    Case("dropout_eval", lambda: jp.dropout(0.3), (6, 5), ctx={"train": False}),
-    Case("serial", lambda: jp.serial(jp.dense(6), jp.tanh(), jp.dense(3)), (4, 5), bad_shape=(4, 6)),
-    Case("serial_dropout", lambda: jp.serial(jp.dense(6), jp.dropout(0.5), jp.dense(3)), (4, 5),
+    Case("dense", lambda: dense(7), (5, 4), bad_shape=(5, 3)),
+    Case("dense_nobias", lambda: dense(3, bias=False, w_init="he"), (6, 5), bad_shape=(6, 4)),
+    Case("dense_3d", lambda: dense(4, w_init="lecun"), (3, 2, 5), bad_shape=(3, 2, 4)),
+    Case("identity", lambda: identity(), (4, 3)),
+    Case("sigmoid", lambda: sigmoid(), (4, 6)),
+    Case("tanh", lambda: tanh(), (4, 6)),
+    Case("relu", lambda: relu(), (5, 6), x_fn=away_from_zero),
+    Case("relu_save_output", lambda: relu(save="output"), (5, 6), x_fn=away_from_zero),
+    Case("leaky_relu", lambda: leaky_relu(0.1), (5, 6), x_fn=away_from_zero),
+    Case("elu", lambda: elu(0.7), (5, 6), x_fn=away_from_zero),
+    Case("softplus", lambda: softplus(), (4, 6)),
+    Case("gelu", lambda: gelu(), (4, 6)),
+    Case("gelu_tanh", lambda: gelu(approximate=True), (4, 6)),
+    Case("silu", lambda: silu(), (4, 6)),
+    Case("softmax", lambda: softmax(), (4, 5)),
+    Case("log_softmax", lambda: log_softmax(), (4, 5)),
+    Case("flatten", lambda: flatten(), (3, 2, 4)),
+    Case("reshape", lambda: reshape((4, -1)), (3, 2, 4)),
+    Case("dropout_train", lambda: dropout(0.3), (6, 5), ctx=_drop_ctx),
+    Case("dropout_eval", lambda: dropout(0.3), (6, 5), ctx={"train": False}),
+    Case("serial", lambda: serial(dense(6), tanh(), dense(3)), (4, 5), bad_shape=(4, 6)),
+    Case("serial_dropout", lambda: serial(dense(6), dropout(0.5), dense(3)), (4, 5),
          ctx=_drop_ctx),
-    Case("residual", lambda: jp.residual(jp.serial(jp.dense(5), jp.gelu(), jp.dense(5))), (4, 5),
+    Case("residual", lambda: residual(serial(dense(5), gelu(), dense(5))), (4, 5),
          bad_shape=(4, 6)),
     # repeat(block, n): lax.scan forward, reverse-scan backward. Finite differences off: an eager
     # scan recompiles per call; repeat's forward is checked equal to serial's (which has finite
     # differences here) in tests/test_repeat.py, with residual and dropout blocks.
-    Case("repeat", lambda: jp.repeat(jp.serial(jp.dense(5), jp.tanh()), 3), (4, 5), bad_shape=(4, 6),
+    Case("repeat", lambda: repeat(serial(dense(5), tanh()), 3), (4, 5), bad_shape=(4, 6),
          fd=False),
     # CNN layers: every conv/pool/norm layer and mode once, with odd sizes, strides that do not divide
     # the input, dilation with stride, groups. More configurations are in tests/test_conv.py,
     # test_pooling.py and test_norm.py.
-    Case("conv1d", lambda: jp.conv1d(4, 3, stride=2, dilation=2, groups=2), (2, 13, 2), bad_shape=(2, 13, 3)),
-    Case("conv2d", lambda: jp.conv2d(3, (3, 2), stride=(2, 3), padding=((1, 0), (2, 1)), dilation=(2, 1)),
+    Case("conv1d", lambda: conv1d(4, 3, stride=2, dilation=2, groups=2), (2, 13, 2), bad_shape=(2, 13, 3)),
+    Case("conv2d", lambda: conv2d(3, (3, 2), stride=(2, 3), padding=((1, 0), (2, 1)), dilation=(2, 1)),
          (2, 9, 8, 2), bad_shape=(2, 9, 8, 3)),
-    Case("max_pool", lambda: jp.max_pool((3, 2), (2, 1), ((1, 0), (0, 1))), (2, 7, 6, 2), bad_shape=(2, 7)),
-    Case("avg_pool", lambda: jp.avg_pool(3, 2, "SAME"), (2, 10, 3), bad_shape=(2, 10)),
-    Case("global_avg_pool", lambda: jp.global_avg_pool(), (2, 4, 5, 3), bad_shape=(2, 5)),
-    Case("batch_norm", lambda: jp.batch_norm(0.8), (3, 5, 4), ctx={"train": True}, bad_shape=(3, 5, 3)),
-    Case("batch_norm_eval", lambda: jp.batch_norm(), (3, 5, 4), ctx=_bn_eval_ctx),
-    Case("layer_norm", lambda: jp.layer_norm(), (3, 5, 4), bad_shape=(3, 5, 3)),
-    Case("group_norm", lambda: jp.group_norm(3), (2, 3, 4, 6), bad_shape=(2, 3, 4, 5)),
-    Case("cnn1d_bn_residual", lambda: jp.serial(
-        jp.conv1d(4, 3, stride=2, bias=False), jp.batch_norm(), jp.relu(),
-        jp.residual(jp.serial(jp.conv1d(4, 3, bias=False), jp.batch_norm(), jp.tanh())),
-        jp.max_pool(2), jp.global_avg_pool(), jp.dense(3)), (4, 12, 2), ctx={"train": True}),
-    Case("random_shift", lambda: jp.random_shift(2), (3, 7, 2), ctx=_drop_ctx),
+    Case("max_pool", lambda: max_pool((3, 2), (2, 1), ((1, 0), (0, 1))), (2, 7, 6, 2), bad_shape=(2, 7)),
+    Case("avg_pool", lambda: avg_pool(3, 2, "SAME"), (2, 10, 3), bad_shape=(2, 10)),
+    Case("global_avg_pool", lambda: global_avg_pool(), (2, 4, 5, 3), bad_shape=(2, 5)),
+    Case("batch_norm", lambda: batch_norm(0.8), (3, 5, 4), ctx={"train": True}, bad_shape=(3, 5, 3)),
+    Case("batch_norm_eval", lambda: batch_norm(), (3, 5, 4), ctx=_bn_eval_ctx),
+    Case("layer_norm", lambda: layer_norm(), (3, 5, 4), bad_shape=(3, 5, 3)),
+    Case("group_norm", lambda: group_norm(3), (2, 3, 4, 6), bad_shape=(2, 3, 4, 5)),
+    Case("cnn1d_bn_residual", lambda: serial(
+        conv1d(4, 3, stride=2, bias=False), batch_norm(), relu(),
+        residual(serial(conv1d(4, 3, bias=False), batch_norm(), tanh())),
+        max_pool(2), global_avg_pool(), dense(3)), (4, 12, 2), ctx={"train": True}),
+    Case("random_shift", lambda: random_shift(2), (3, 7, 2), ctx=_drop_ctx),
     # Sequence layers. Recurrent cells run under jp.scan (forward lax.scan, backward the reverse
     # scan): every cell at T = 1 and T > 1, both directions, both return_sequences modes; eager
     # checks for one case per cell (an eager scan compiles on every call). Finite differences off
     # for relu (kinks). More configurations, PyTorch equality and BPTT training: test_recurrent.py.
-    Case("embedding", lambda: jp.embedding(7, 3), (4, 5), x_fn=token_ids(7), bad_shape=(4, 5)),
-    Case("embedding_gru", lambda: jp.serial(jp.embedding(6, 3), jp.gru(4, return_sequences=False),
-                                            jp.dense(2)), (3, 5), x_fn=token_ids(6), fd=False, eager=False),
-    Case("rnn", lambda: jp.rnn(5), (3, 4, 2), bad_shape=(3, 4, 3)),
-    Case("rnn_relu_last", lambda: jp.rnn(4, activation="relu", return_sequences=False), (3, 5, 2),
+    Case("embedding", lambda: embedding(7, 3), (4, 5), x_fn=token_ids(7), bad_shape=(4, 5)),
+    Case("embedding_gru", lambda: serial(embedding(6, 3), gru(4, return_sequences=False),
+                                            dense(2)), (3, 5), x_fn=token_ids(6), fd=False, eager=False),
+    Case("rnn", lambda: rnn(5), (3, 4, 2), bad_shape=(3, 4, 3)),
+    Case("rnn_relu_last", lambda: rnn(4, activation="relu", return_sequences=False), (3, 5, 2),
          fd=False, eager=False),
-    Case("gru", lambda: jp.gru(5), (3, 4, 2), bad_shape=(3, 4, 3), eager=False),
-    Case("gru_reverse_last_t1", lambda: jp.gru(3, return_sequences=False, reverse=True), (2, 1, 2)),
-    Case("lstm", lambda: jp.lstm(5), (3, 4, 2), bad_shape=(3, 4, 3), eager=False),
-    Case("lstm_reverse_last", lambda: jp.lstm(4, return_sequences=False, reverse=True), (2, 5, 3)),
-    Case("bidirectional", lambda: jp.bidirectional(jp.rnn(3), jp.gru(2, reverse=True)), (2, 4, 3),
+    Case("gru", lambda: gru(5), (3, 4, 2), bad_shape=(3, 4, 3), eager=False),
+    Case("gru_reverse_last_t1", lambda: gru(3, return_sequences=False, reverse=True), (2, 1, 2)),
+    Case("lstm", lambda: lstm(5), (3, 4, 2), bad_shape=(3, 4, 3), eager=False),
+    Case("lstm_reverse_last", lambda: lstm(4, return_sequences=False, reverse=True), (2, 5, 3)),
+    Case("bidirectional", lambda: bidirectional(rnn(3), gru(2, reverse=True)), (2, 4, 3),
          eager=False),
     # Attention (save="probs" keeps P; save="lse" is blocked over keys with an online softmax, no T x T
     # array) with T not a multiple of block_size, causal and not, 1-4 heads; finite differences off:
     # dJ/dbk is exactly 0 (softmax ignores a per-row shift), so its difference quotient is pure noise.
     # More (PyTorch equality, the no-T-by-T-array check): tests/test_attention.py, test_transformer.py.
-    Case("attention", lambda: jp.attention(2), (2, 5, 8), bad_shape=(2, 5, 6), fd=False),
-    Case("attention_causal", lambda: jp.attention(4, causal=True), (2, 6, 8), fd=False, eager=False),
-    Case("attention_lse", lambda: jp.attention(1, save="lse", block_size=4), (2, 7, 6), fd=False,
+    Case("attention", lambda: attention(2), (2, 5, 8), bad_shape=(2, 5, 6), fd=False),
+    Case("attention_causal", lambda: attention(4, causal=True), (2, 6, 8), fd=False, eager=False),
+    Case("attention_lse", lambda: attention(1, save="lse", block_size=4), (2, 7, 6), fd=False,
          eager=False),
-    Case("attention_lse_causal", lambda: jp.attention(3, causal=True, save="lse", block_size=4), (2, 10, 6),
+    Case("attention_lse_causal", lambda: attention(3, causal=True, save="lse", block_size=4), (2, 10, 6),
          fd=False, eager=False),
-    Case("positional_embedding", lambda: jp.positional_embedding(8), (2, 5, 4), bad_shape=(2, 9, 4)),
-    Case("transformer_block", lambda: jp.transformer_block(2), (2, 5, 8), bad_shape=(2, 5, 6), fd=False,
+    Case("positional_embedding", lambda: positional_embedding(8), (2, 5, 4), bad_shape=(2, 9, 4)),
+    Case("transformer_block", lambda: transformer_block(2), (2, 5, 8), bad_shape=(2, 5, 6), fd=False,
          eager=False),
-    Case("transformer_block_lse", lambda: jp.transformer_block(1, mlp_ratio=2, causal=False, save="lse"),
+    Case("transformer_block_lse", lambda: transformer_block(1, mlp_ratio=2, causal=False, save="lse"),
          (2, 6, 4), fd=False, eager=False),
     # remat(layer): caches only the input, re-runs the forward in backward (tests/test_remat.py
     # compares each with the plain layer and measures the memory).
-    Case("remat", lambda: jp.remat(jp.serial(jp.dense(6), jp.tanh(), jp.dense(5))), (4, 5), bad_shape=(4, 6)),
-    Case("remat_dropout", lambda: jp.remat(jp.serial(jp.dense(6), jp.dropout(0.5), jp.dense(3))), (4, 5),
+    Case("remat", lambda: remat(serial(dense(6), tanh(), dense(5))), (4, 5), bad_shape=(4, 6)),
+    Case("remat_dropout", lambda: remat(serial(dense(6), dropout(0.5), dense(3))), (4, 5),
          ctx=_drop_ctx, eager=False),
-    Case("remat_batch_norm", lambda: jp.remat(jp.batch_norm(0.8)), (6, 3), ctx={"train": True}, eager=False),
-    Case("remat_transformer_block", lambda: jp.remat(jp.transformer_block(2)), (2, 4, 4), fd=False,
+    Case("remat_batch_norm", lambda: remat(batch_norm(0.8)), (6, 3), ctx={"train": True}, eager=False),
+    Case("remat_transformer_block", lambda: remat(transformer_block(2)), (2, 4, 4), fd=False,
          eager=False),
 ]
 """Every jaxprop layer, each configuration once: ``tests/test_layers.py`` runs
@@ -317,7 +332,7 @@ def assert_gradients_match(layer_or_net: Layer, loss: Optional[Loss] = None, *, 
         raise TypeError(f"assert_gradients_match: expected a jaxprop Layer, got {type(layer).__name__}")
     if loss is not None and not isinstance(loss, Loss):
         raise TypeError(f"assert_gradients_match: loss must be a jaxprop Loss, got {type(loss).__name__} "
-                        "(did you forget the call, e.g. jp.mse()?)")
+                        "(did you forget the call, e.g. mse()?)")
     if x is None and in_shape is None:
         raise ValueError(f"assert_gradients_match: {layer.name}: pass x= or in_shape=")
     if dtype is None:

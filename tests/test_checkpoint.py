@@ -1,4 +1,6 @@
 """jaxprop.checkpoint: exact round trip, layout checks, atomic saves, pruning."""
+import errno
+import json
 import os
 
 import jax
@@ -94,7 +96,8 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous(tmp_path):
     bad = ckpt.save(d, 2, _trees(1))
     with open(bad, "r+b") as f:                              # simulate on-disk corruption
         f.truncate(100)
-    assert ckpt.latest(d) == good
+    with pytest.warns(ckpt.RecoveryWarning, match=r"ckpt-000000002.npz is unreadable.*skipping it"):
+        assert ckpt.latest(d) == good
 
 
 def test_keep_prunes_old_checkpoints_only_after_the_new_one_exists(tmp_path):
@@ -106,3 +109,56 @@ def test_keep_prunes_old_checkpoints_only_after_the_new_one_exists(tmp_path):
     ckpt.save(d, 6, _trees(6), keep=0)
     assert ckpt.list_steps(d) == [3, 4, 5, 6]
     assert ckpt.latest(str(tmp_path / "missing")) is None
+
+
+def _rewrite(path, change):
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: np.array(f[k]) for k in f.files}
+    change(arrays)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def test_changed_arrays_do_not_match_their_digests(tmp_path):
+    d = str(tmp_path)
+    path = ckpt.save(d, 3, _trees(0))
+    header, _ = ckpt.read(path)
+    assert set(header["digests"]) == {"params", "opt_state", "flags", "key"}
+    _rewrite(path, lambda a: a.update({"opt_state/1": a["opt_state/1"] * 2}))
+    with pytest.raises(ckpt.CorruptCheckpoint, match=r"the arrays of 'opt_state' do not match the digest"):
+        ckpt.restore(path, _trees(1))
+    with pytest.warns(ckpt.RecoveryWarning, match="do not match the digest"):
+        assert ckpt.latest(d) is None
+
+    def no_digests(a):                         # a checkpoint written before digests: accepted as it is
+        h = json.loads(bytes(a["__meta__"]).decode())
+        del h["digests"]
+        a["__meta__"] = np.frombuffer(json.dumps(h).encode(), dtype=np.uint8)
+
+    _rewrite(path, no_digests)
+    out, _ = ckpt.restore(path, _trees(1))
+    assert ckpt.latest(d) == path
+
+
+def test_unreadable_file_is_a_corrupt_checkpoint_naming_it(tmp_path):
+    path = ckpt.save(str(tmp_path), 4, _trees(0))
+    with open(path, "wb") as f:
+        f.write(b"")
+    with pytest.raises(ckpt.CorruptCheckpoint, match=r"ckpt-000000004\.npz is unreadable"):
+        ckpt.restore(path, _trees(1))
+
+
+def test_saved_files_get_ordinary_permissions_and_errors_name_the_file(tmp_path, monkeypatch):
+    probe = tmp_path / "probe"
+    probe.write_text("x")
+    path = ckpt.save(str(tmp_path), 5, _trees(0))
+    assert os.stat(path).st_mode & 0o777 == probe.stat().st_mode & 0o777      # not mkstemp's 0600
+
+    def full(f):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    target = str(tmp_path / "x.json")
+    with pytest.raises(OSError) as info:
+        ckpt.atomic_write(target, full)
+    assert info.value.filename == target and info.value.errno == errno.ENOSPC
+    assert sorted(os.listdir(tmp_path)) == sorted(["probe", os.path.basename(path)])

@@ -59,27 +59,22 @@ class Boom(Exception):
     pass
 
 
-def test_failure_between_checkpoints_then_resume(moons, reference, tmp_path, monkeypatch):
-    real = train.evaluate
-    calls = {"n": 0}
-
-    def failing(*a, **k):                   # the 5th evaluation (2 per row) is at step 20
-        calls["n"] += 1
-        if calls["n"] == 5:
+def test_failure_between_checkpoints_then_resume(moons, reference, tmp_path):
+    def failing(row, params):               # dies in the evaluation at step 20, after its row is written
+        if row["step"] == 20:
             raise Boom()
-        return real(*a, **k)
 
-    monkeypatch.setattr(train, "evaluate", failing)
     paths = dict(checkpoint_dir=str(tmp_path / "ck"), metrics_path=str(tmp_path / "m.jsonl"))
     with pytest.raises(Boom):
-        train.fit(NET, None, TX, moons, **paths, **KW)
-    monkeypatch.setattr(train, "evaluate", real)
+        train.fit(NET, None, TX, moons, **paths, **KW, callback=failing)
     assert ckpt.list_steps(paths["checkpoint_dir"]) == [7, 14]      # killed at step 20: 14 is the latest
+    assert [r["step"] for r in train.read_jsonl(paths["metrics_path"])] == [0, 10, 20]
     with pytest.raises(ValueError, match="resume=True"):             # never silently restarts over it
         train.fit(NET, None, TX, moons, **paths, **KW)
     r = train.fit(NET, None, TX, moons, resume=True, **paths, **KW)
     assert r.resumed_from == 14
     assert r.params_fingerprint == reference.params_fingerprint
+    # the rows after the checkpoint (step 20) were dropped and written again, once
     assert _strip(train.read_jsonl(paths["metrics_path"])) == _strip(reference.history)
 
 
@@ -131,7 +126,7 @@ def test_runner_refuses_to_overwrite_and_checks_resumed_options(tmp_path, capsys
     out = tmp_path / "run"
     assert cli.main(ARGS + ["--steps", "40", "--checkpoint-every", "20", "--out", str(out)]) == 0
     names = {p.name for p in out.iterdir()}
-    assert names == {"config.json", "metrics.jsonl", "summary.json", "learning_curves.png", "checkpoints"}
+    assert names == {"config.json", "metrics.jsonl", "summary.json", "learning_curves.png", "checkpoints", ".lock"}
     summary = json.loads((out / "summary.json").read_text())
     for key in ("steps", "final_test_accuracy", "best_test_accuracy", "final_train_loss", "wall_time_s",
                 "steps_per_s", "device", "params_fingerprint"):

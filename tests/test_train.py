@@ -65,7 +65,7 @@ def test_build_model_specs():
     assert [p["w"].shape for p in params if p] == [(40, 100), (100, 100), (100, 10)]
     assert "relu" in net.name and not net.stochastic
     assert models.build_model("mlp:8:tanh:dropout=0.5:init=he", 3).stochastic
-    for bad, msg in [("rnn:3", "unknown model 'rnn'"), ("mlp", "hidden widths"),
+    for bad, msg in [("resnet:3", "unknown model 'resnet'"), ("mlp", "hidden widths"),
                      ("mlp:a-b", "integers"), ("mlp:8:swish", "unknown activation"),
                      ("mlp:8:relu:p=1", "unknown option")]:
         with pytest.raises(ValueError, match=msg):
@@ -257,6 +257,9 @@ def test_fit_rejects_bad_arguments():
         train.fit(net, None, optax.sgd(0.1), ds, progress=False)
     with pytest.raises(ValueError, match="grad must be"):
         train.fit(net, None, optax.sgd(0.1), ds, steps=1, grad="numeric", progress=False)
+    for bad in (0, -5, 2.5):                    # once silently replaced by the default
+        with pytest.raises(ValueError, match=rf"eval_every must be an int >= 1 .*got {bad}"):
+            train.fit(net, None, optax.sgd(0.1), ds, steps=1, eval_every=bad, progress=False)
 
 
 def test_progress_bar_shows_loss_accuracy_and_speed(capsys):
@@ -266,3 +269,86 @@ def test_progress_bar_shows_loss_accuracy_and_speed(capsys):
               epochs=3, batch_size=20, eval_every=5, progress=True, progress_file=buf)
     out = buf.getvalue()
     assert "15/15" in out and "loss=" in out and "test_acc=" in out and "steps/s=" in out
+
+
+# ----------------------------------------------------------------------------- token ids, sequence outputs
+
+def bigram(vocab: int) -> Layer:
+    """A user layer on integer token ids: logits y[n, t] = E[x[n, t]], (N, T) -> (N, T, V).
+    dE[v] = sum of dy[n, t] over the positions with x[n, t] = v; no dx (the input is not float)."""
+
+    def init(key, in_shape):
+        return tuple(in_shape) + (vocab,), {"E": 0.1 * jax.random.normal(key, (vocab, vocab))}
+
+    def forward(params, x):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"bigram: expected integer token ids, got {x.dtype}")
+        return params["E"][x], {"x": x, "E": params["E"]}
+
+    def backward(cache, dy):
+        dE = jnp.zeros_like(cache["E"]).at[cache["x"]].add(dy)        # forward was: y = E[x]
+        return {"E": dE}, None
+
+    return Layer(init, forward, backward, "bigram")
+
+
+def _token_data(seed, n, t=6, vocab=5):
+    """Next-token prediction of the rule x -> (x + 1) mod V, labels at every position."""
+    x = np.random.default_rng(seed).integers(0, vocab, (n, t)).astype(np.int32)
+    return x, (x + 1) % vocab
+
+
+def test_bigram_hand_gradient_matches_jax_grad():
+    net, loss = bigram(5), jp.softmax_cross_entropy()
+    x, y = (jnp.asarray(a) for a in _token_data(0, 8))
+    params = _init(net, x.shape)
+    params = {"E": params["E"] + jnp.asarray(np.random.default_rng(1).standard_normal((5, 5)))}
+    cost = lambda p: loss.forward(net.forward(p, x)[0], y)[0]              # noqa: E731
+    for f in (jp.value_and_grad(net, loss), jax.jit(jp.value_and_grad(net, loss))):
+        value, grads = f(params, x, y)
+        np.testing.assert_allclose(value, cost(params), rtol=1e-12)
+        np.testing.assert_allclose(grads["E"], jax.grad(cost)(params)["E"], rtol=1e-9, atol=1e-12)
+
+
+def test_accuracy_counts_predicted_positions():
+    rng = np.random.default_rng(0)
+    logits, labels = jnp.asarray(rng.standard_normal((4, 3, 5))), jnp.asarray(rng.integers(0, 5, (4, 3)))
+    want = np.mean(np.asarray(logits).argmax(-1) == np.asarray(labels))          # over N T = 12 positions
+    assert float(train.accuracy(logits, labels)) == want
+    correct, positions = train.count_correct(logits, labels)
+    assert (int(correct), positions) == (round(want * 12), 12)
+    one_col = jnp.asarray([[0.3], [-1.0], [2.0]])                                 # a sigmoid logit
+    assert float(train.accuracy(one_col, jnp.asarray([1, 1, 1]))) == 2 / 3
+    with pytest.raises(ValueError, match=r"labels of shape \(4,\) do not match predictions \(4, 3, 5\)"):
+        train.accuracy(logits, labels[:, 0])
+
+
+def test_evaluate_sequence_accuracy_is_over_positions():
+    net = bigram(5)
+    x, y = (jnp.asarray(a) for a in _token_data(2, 40))
+    perfect = {"E": jnp.asarray(np.roll(np.eye(5), 1, axis=1))}       # predicts (x + 1) mod V everywhere
+    ev = train.make_eval_fn(net, jp.softmax_cross_entropy())
+    assert train.evaluate(ev, perfect, (), x, y, y)["accuracy"] == 1.0          # not T = 6
+    assert train.evaluate(ev, perfect, (), x, y, y, batch_size=16)["accuracy"] == 1.0
+
+
+def test_fit_keeps_token_ids_integer_and_accuracy_is_per_position():
+    x_tr, y_tr = _token_data(1, 64)
+    x_te, y_te = _token_data(2, 40)
+    ds = {"name": "bigram", "x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te, "n_classes": 5}
+    net = bigram(5)
+    r = train.fit(net, "ce", optax.adam(0.1), ds, steps=40, batch_size=16, eval_every=20, progress=False,
+                  dtype="float64")
+    assert r.params["E"].dtype == jnp.float64
+    first, last = r.history[0], r.history[-1]
+    for row in r.history:
+        assert 0.0 <= row["train_accuracy"] <= 1.0 and 0.0 <= row["test_accuracy"] <= 1.0
+    # the rows are accuracies over N T positions: recompute the last one from the parameters
+    pred = np.asarray(net.forward(r.params, jnp.asarray(x_te))[0])
+    assert last["test_accuracy"] == np.mean(pred.argmax(-1) == y_te)
+    assert first["train_accuracy"] < 0.6 and last["train_accuracy"] == 1.0         # it learnt the rule
+    assert last["train_loss"] < first["train_loss"] / 5
+    res = train.evaluate(train.make_eval_fn(net, jp.softmax_cross_entropy()), r.params, (),
+                         jnp.asarray(x_te), jnp.asarray(y_te), jnp.asarray(y_te), batch_size=16)
+    assert res["accuracy"] == last["test_accuracy"]                              # in chunks: the same
+    np.testing.assert_allclose(res["loss"], last["test_loss"], rtol=1e-12)

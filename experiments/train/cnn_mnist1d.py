@@ -14,14 +14,10 @@ time of the run (both cores, compilation included); wall time is the runner's tr
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
-import statistics
 import sys
-import time
 
-from jaxprop.runner import cli
+from experiments.train.seeds import aggregate, run_seeds, write
 
 PAPER = "cnn:c25k5s2p1-relu-c25k3s2p1-relu-c25k3s2p1-relu"
 
@@ -73,58 +69,6 @@ SELECTIONS = {
 }
 
 
-def run_one(name, options, seed, extra=()):
-    out = os.path.join("runs", "cnn", f"{name}-seed{seed}")
-    argv = shlex.split(options) + ["--seed", str(seed), "--out", out, "--no-progress"] + list(extra)
-    if os.path.exists(os.path.join(out, "summary.json")):
-        with open(os.path.join(out, "summary.json")) as f:
-            summary = json.load(f)
-        cpu = summary.get("cpu_s")
-    else:
-        if os.path.isdir(out):                 # an interrupted run: continue it
-            argv.append("--resume")
-        t = time.process_time()
-        summary = cli.run(argv)
-        cpu = time.process_time() - t
-        summary["cpu_s"] = cpu
-        with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-    ev = summary.get("eval_set", "test")
-    return {"seed": seed, "final_accuracy": summary[f"final_{ev}_accuracy"],
-            "best_accuracy": summary[f"best_{ev}_accuracy"], "wall_time_s": summary["wall_time_s"],
-            "cpu_s": cpu, "steps_per_s": summary["steps_per_s"], "n_params": summary["n_params"],
-            "eval_set": ev, "params_fingerprint": summary["params_fingerprint"]}
-
-
-def aggregate(name, options, runs, extra=()):
-    accs = [r["final_accuracy"] for r in runs]
-    return {"experiment": name,
-            "command": "python experiments/train.py " + options + " --seed SEED" + "".join(" " + e for e in extra),
-            "seeds": [r["seed"] for r in runs], "eval_set": runs[0]["eval_set"],
-            "final_accuracy_mean": statistics.mean(accs),
-            "final_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "n_params": runs[0]["n_params"],
-            "cpu_s_mean": statistics.mean(r["cpu_s"] for r in runs if r["cpu_s"] is not None),
-            "wall_time_s_mean": statistics.mean(r["wall_time_s"] for r in runs),
-            "runs": runs}
-
-
-def write(results_dir, name, res):
-    os.makedirs(results_dir, exist_ok=True)
-    with open(os.path.join(results_dir, f"{name}.json"), "w") as f:
-        json.dump(res, f, indent=2)
-    rows = res if isinstance(res, list) else [res]
-    lines = [f"| experiment | {rows[0]['eval_set']} accuracy (final, mean +/- std) | seeds | params | "
-             "CPU s / run | train wall s / run | command |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['experiment']} | {100 * r['final_accuracy_mean']:.2f} +/- "
-                     f"{100 * r['final_accuracy_std']:.2f} % | {len(r['seeds'])} | {r['n_params']} | "
-                     f"{r['cpu_s_mean']:.0f} | {r['wall_time_s_mean']:.0f} | `{r['command']}` |")
-    with open(os.path.join(results_dir, f"{name}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description="CNN experiments (docs/cnn.md)")
     ap.add_argument("experiments", nargs="+", choices=list(SELECTIONS) + list(EXPERIMENTS))
@@ -136,12 +80,12 @@ def main(argv=None):
             candidates, seeds, val_fraction, prefix = SELECTIONS[exp]
             extra, table = ("--val-fraction", val_fraction), []
             for name, options in candidates.items():
-                runs = [run_one(f"{prefix}-{name}", options, s, extra) for s in seeds]
+                runs = run_seeds("cnn", f"{prefix}-{name}", options, seeds, extra)
                 table.append(aggregate(name, options, runs, extra))
                 write(args.results, exp, table)
         else:
             options = EXPERIMENTS[exp]
-            runs = [run_one(exp, options, s) for s in args.seeds]
+            runs = run_seeds("cnn", exp, options, args.seeds)
             write(args.results, exp, aggregate(exp, options, runs))
     return 0
 
