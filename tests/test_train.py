@@ -352,3 +352,17 @@ def test_fit_keeps_token_ids_integer_and_accuracy_is_per_position():
                          jnp.asarray(x_te), jnp.asarray(y_te), jnp.asarray(y_te), batch_size=16)
     assert res["accuracy"] == last["test_accuracy"]                              # in chunks: the same
     np.testing.assert_allclose(res["loss"], last["test_loss"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("split, value", [("y_train", 2), ("y_test", -1)])
+def test_fit_checks_every_label_eagerly_before_training(split, value):
+    """Under jit an out-of-range label can only make the loss NaN; fit looks at the whole data set
+    once, before the first step, and names the split."""
+    ds = data.load("moons")
+    y = np.array(getattr(ds, split))
+    y[3] = value
+    bad = dict(x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test, n_classes=2)
+    bad[split] = y
+    net = models.build_model("linear", 2)
+    with pytest.raises(ValueError, match=rf"{split} has 1 label\(s\) outside \[0, 2\)"):
+        train.fit(net, None, optax.sgd(0.1), bad, steps=1, batch_size=10, progress=False)

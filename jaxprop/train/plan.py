@@ -61,8 +61,32 @@ def make_plan(data: Dataset, loss, *, dtype, batch_size, steps, epochs, eval_eve
     eval_every = int(eval_every or max(1, total // 20))
     if resume and checkpoint_dir is None:
         raise ValueError("fit: resume=True needs checkpoint_dir")
+    check_labels(data)
     rule = stopping.resolve(early_stopping, data.test_name, bool(data.n_classes))
     return Plan(spec, dtype, n, batch_size, spe, total, eval_every, data.test_name, rule, windows)
+
+
+def check_labels(data: Dataset):
+    """Every label of a classification data set, checked once, eagerly, before
+    training: integers in [0, n_classes). Under ``jit`` the loss can only turn an
+    out-of-range label into a NaN; here it is a ValueError naming the split."""
+    if not data.n_classes:
+        return
+    splits = [("stream", data.stream)] if data.stream is not None else []
+    splits += [("y_train", data.y_train), ("y_test", data.y_test)]
+    for what, y in splits:
+        if y is None:
+            continue
+        y = np.asarray(y)
+        if y.size == 0:
+            continue
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"fit: {data.name}.{what} must hold integer class labels, got dtype {y.dtype}")
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= data.n_classes:
+            bad = int(np.sum((y < 0) | (y >= data.n_classes)))
+            raise ValueError(f"fit: {data.name}.{what} has {bad} label(s) outside [0, {data.n_classes}) "
+                             f"(values in [{lo}, {hi}])")
 
 
 def as_dataset(data) -> Dataset:
