@@ -205,6 +205,7 @@ CASES = [
     Case("flatten", lambda: flatten(), (3, 2, 4)),
     Case("reshape", lambda: reshape((4, -1)), (3, 2, 4)),
     Case("dropout_train", lambda: dropout(0.3), (6, 5), ctx=_drop_ctx),
+    Case("dropout_key", lambda: dropout(0.3, save_mask=False), (6, 5), ctx=_drop_ctx),
     Case("dropout_eval", lambda: dropout(0.3), (6, 5), ctx={"train": False}),
     Case("serial", lambda: serial(dense(6), tanh(), dense(3)), (4, 5), bad_shape=(4, 6)),
     Case("serial_dropout", lambda: serial(dense(6), dropout(0.5), dense(3)), (4, 5),

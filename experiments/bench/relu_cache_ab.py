@@ -88,22 +88,25 @@ def one_size(batch, width, depth, rounds, min_block_s):
     if k == 1:                                   # one step outlasts the block: half the rounds
         rounds = max(6, rounds // 2)
     times = {n: [] for n in VARIANTS}
+    cpu = {n: [] for n in VARIANTS}                 # process CPU time: not the waiting for a shared core
     for r in range(rounds):
         order = list(VARIANTS[r % 4:] + VARIANTS[:r % 4])
         for n in (order if r % 2 == 0 else order[::-1]):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             contestants[n].run(k)
             times[n].append((time.perf_counter() - t0) / k)
+            cpu[n].append((time.process_time() - c0) / k)
     row = {"batch": batch, "width": width, "depth": depth, "rounds": rounds, "steps_per_block": k,
            "ms": {n: 1e3 * statistics.median(t) for n, t in times.items()},
            "footprint_bytes": mem, "temp_bytes": temp,
-           "ratios": {f"{a}/{b}": list(np.asarray(times[a]) / np.asarray(times[b])) for a, b in RATIOS}}
+           "ratios": {f"{a}/{b}": list(np.asarray(times[a]) / np.asarray(times[b])) for a, b in RATIOS},
+           "cpu_ratios": {f"{a}/{b}": list(np.asarray(cpu[a]) / np.asarray(cpu[b])) for a, b in RATIOS}}
     return row
 
 
 def run_process(args):
     """One process: the sweep, each size's row appended to ``args.jsonl``."""
-    meta = {"run": args.run_id or f"{os.getpid()}", "cores": bm.usable_cores(),
+    meta = {"run": args.run_id or f"{os.getpid()}", "cores": bm.usable_cores(), "command": args.command,
             "load_start": os.getloadavg()[0], "jax": jax.__version__, "backend": jax.default_backend()}
     for b, w, d in args.size or DEFAULT_SIZES:
         row = one_size(b, w, d, args.rounds, args.min_block_s)
@@ -127,8 +130,9 @@ def summarize(jsonl, out_md, command):
     cores = sorted({r["cores"] for r in rows})
     sizes = sorted({(r["batch"], r["width"], r["depth"]) for r in rows})
     loads = [r["load"] for r in rows]
+    made = rows[0].get("command") or command
     lines = ["# relu's cache: mask (default) vs output, and the cost of keeping NaN", "",
-             f"Reproduce: `{command}`", "",
+             f"Reproduce: `{made}`" + (f" (this summary: `{command}`)" if made != command else ""), "",
              f"- jax {rows[0]['jax']}, backend {rows[0]['backend']}, {os.cpu_count()} CPU cores on the machine; "
              f"{len({r['run'] for r in rows})} processes; load average (1 min) during the runs "
              f"{min(loads):.1f}-{max(loads):.1f} (the machine was shared with other agents' jobs)",
@@ -164,10 +168,34 @@ def summarize(jsonl, out_md, command):
             lines.append(f"| {s[0]} {s[1]} {s[2]} | {ad_ms:.2f} | {cells[0]} | {verdict} | {cells[1]} | {cells[2]} | "
                          f"{cells[3]} | {t['output'] / max(t['mask'], 1):.3f} | {t['mask'] / max(t['ad'], 1):.3f} |")
         lines.append("")
-    counts = {c: {v: sum(1 for (cc, _), x in summary.items() if cc == c and x[3] == v)
-                  for v in ("output faster", "tie", "output slower")} for c in cores}
-    lines += ["## Tally", ""] + [f"- {c} core(s): " + ", ".join(f"{v}: {n}" for v, n in counts[c].items())
-                                  for c in cores]
+        with_cpu = [r for r in rows if r["cores"] == c and "cpu_ratios" in r]
+        if with_cpu:
+            lines += [f"Process CPU time (all threads; the time spent waiting for a core that another job holds "
+                      f"does not count), from the {len({r['run'] for r in with_cpu})} process(es) that recorded it:", "",
+                      "| B W D | output / mask | verdict | mask / jax.grad | output / jax.grad | mask / mask_plain |",
+                      "|---|---|---|---|---|---|"]
+            for s in sizes:
+                rs = [r for r in with_cpu if (r["batch"], r["width"], r["depth"]) == s]
+                if not rs:
+                    continue
+                cells = []
+                for key in ("output/mask", "mask/ad", "output/ad", "mask/mask_plain"):
+                    pooled = [v for r in rs for v in r["cpu_ratios"][key]]
+                    med, q25, q75 = _q(pooled)
+                    cells.append(f"{med:.3f} [{q25:.3f}, {q75:.3f}]")
+                    if key == "output/mask":
+                        v = "output faster" if q75 < 1 else "output slower" if q25 > 1 else "tie"
+                        summary[("cpu", c, s)] = (med, q25, q75, v)
+                        cells.append(v)
+                lines.append(f"| {s[0]} {s[1]} {s[2]} | " + " | ".join(cells) + " |")
+            lines.append("")
+    verdicts = ("output faster", "tie", "output slower")
+    lines += ["## Tally (output / mask)", ""]
+    for c in cores:
+        wall = [x[3] for k, x in summary.items() if len(k) == 2 and k[0] == c]
+        cpu = [x[3] for k, x in summary.items() if len(k) == 3 and k[1] == c]
+        lines.append(f"- {c} core(s), wall: " + ", ".join(f"{v}: {wall.count(v)}" for v in verdicts)
+                     + ("; CPU time: " + ", ".join(f"{v}: {cpu.count(v)}" for v in verdicts) if cpu else ""))
     with open(out_md, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -189,6 +217,7 @@ def main(argv=None):
     ap.add_argument("--summarize", metavar="JSONL", help="only write the summary of an existing file")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--command", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     command = "python -m experiments.bench.relu_cache_ab " + " ".join(
         a for a in argv if a not in ("--worker",))
@@ -206,7 +235,7 @@ def main(argv=None):
         for c in args.cores:
             pin = ["taskset", "-c", "0"] if c == 1 else []
             cmd = pin + [sys.executable, "-m", "experiments.bench.relu_cache_ab", "--worker",
-                         "--run-id", f"p{i}-{c}c"] + passthrough
+                         "--run-id", f"p{i}-{c}c", "--command", command] + passthrough
             subprocess.run(cmd, check=True)
     return summarize(args.jsonl, args.md, command)
 

@@ -15,7 +15,7 @@ One command, sized to finish in about 8 minutes on one H200:
 2. Benchmark: experiments/bench/benchmark.py's sweep on the device (float32 at the
    backend's default matmul precision, as users run it; with the bfloat16
    mixed-precision step timed too), with a time budget so the whole run ends in
-   time; results in experiments/bench/results/benchmark_gpu.{csv,md}.
+   time; results in experiments/bench/results/<backend>/benchmark_gpu.{csv,md}.
 3. A summary in experiments/verify/results/gpu_check.md (or
    gpu_check_cpu_smoke.md); exit status 1 if any gradient check failed.
    ``--out DIR`` puts the summary and the sweep's files in DIR instead.
@@ -159,7 +159,7 @@ def main(args):
         else:
             bargs = ["--pairs", "7", "--min-block-s", "0.1", "--mixed", "--repeat-rows",
                      "--budget-s", f"{max(60.0, args.budget_s - t_verify):.0f}", "--prefix", prefix]
-        bench_out = args.out or benchmark.RESULTS
+        bench_out = args.out or os.path.join(benchmark.RESULTS, jax.default_backend())
         bargs += ["--out", bench_out] if args.out else []
         log("`python -m experiments.bench.benchmark " + " ".join(bargs) + "`")
         try:
