@@ -34,6 +34,13 @@ Two capabilities, declared on the record, tell the callers what to supply:
   returns the next state after a training forward pass. Stateless layers
   have state ``()``.
 
+**Per-example rules** (optional, :mod:`jaxprop.per_example`): ``per_example(cache,
+dy) -> (per_example_grads, dx)`` and ``per_example_norms(cache, dy) -> (sq, dx)``
+sit next to a layer's backward; :func:`call_per_example` and
+:func:`call_per_example_norms` dispatch to them (the backward itself for a
+layer without parameters; :class:`PerExampleUnsupported` for a layer with
+parameters and no rule).
+
 **Non-float inputs** (integer token ids) get no gradient: the layer's
 backward returns ``dx = None``. ``serial`` accepts that from its first layer
 only (a later layer's input is an earlier layer's output, which carries a
@@ -72,6 +79,17 @@ class Layer(NamedTuple):
         (running statistics); ``None`` for stateless layers.
       update_state: ``(state, cache) -> state`` after a training forward pass.
       stochastic: training needs ``key=`` (dropout); see :func:`needs_key`.
+      per_example: optional ``(cache, dy) -> (per_example_grads, dx)``, the
+        layer's per-example rule (see :func:`call_per_example`):
+        ``per_example_grads`` has the pytree of ``params`` with a leading
+        batch axis N on every leaf; ``dx`` is ``backward``'s. ``None``: a
+        layer without parameters uses its ``backward``; one with parameters
+        has no per-example gradients (an error naming it).
+      per_example_norms: optional ``(cache, dy) -> (sq, dx)`` with ``sq``
+        (N,) the squared L2 norm of each example's gradient over all of this
+        layer's parameters, computed without forming the per-example
+        gradients where the layer can ("ghost norms"); ``None``: from
+        ``per_example`` (see :func:`call_per_example_norms`).
     """
 
     init: Callable
@@ -81,6 +99,8 @@ class Layer(NamedTuple):
     init_state: Optional[Callable] = None
     update_state: Optional[Callable] = None
     stochastic: bool = False
+    per_example: Optional[Callable] = None
+    per_example_norms: Optional[Callable] = None
 
     @property
     def stateful(self) -> bool:
@@ -153,6 +173,61 @@ def call_forward(layer: Layer, params, x, **ctx):
     if names is not None:
         ctx = {k: v for k, v in ctx.items() if k in names}
     return layer.forward(params, x, **ctx)
+
+
+class PerExampleUnsupported(ValueError):
+    """A layer that has no per-example gradients: no rule (``Layer.per_example``),
+    or its forward mixes the examples of a batch (batch norm in training)."""
+
+
+def call_per_example(layer: Layer, cache, dy):
+    """The per-example backward of one layer: ``(per_example_grads, dx)``.
+
+    ``dy``'s row n must be the gradient of example n's own loss term
+    (:mod:`jaxprop.per_example` calls the loss backward with dvalue = N), so
+    that, for a layer whose forward treats the examples independently,
+    ``per_example_grads[leaf][n]`` is the gradient of that term alone and
+    ``dx`` (the ordinary backward's) again has rows of single examples.
+
+    ``layer.per_example`` when the layer has one; otherwise a layer without
+    parameters (activations, reshapes, pooling, dropout) runs its
+    ``backward`` (its grads are ``()``: nothing per example), and a layer with
+    parameters raises :class:`PerExampleUnsupported` naming it (never a wrong
+    number). A layer without parameters whose forward *mixes* examples (e.g.
+    centring over the batch) would pass on mixed rows; none of jaxprop's does.
+    """
+    if layer.per_example is not None:
+        return layer.per_example(cache, dy)
+    grads, dx = layer.backward(cache, dy)
+    if jax.tree_util.tree_leaves(grads):
+        raise PerExampleUnsupported(
+            f"{layer.name}: no per-example gradient rule (Layer.per_example); per-example gradients and "
+            "DP-SGD cover dense, conv1d/conv2d, layer_norm, group_norm, batch_norm(train=False), "
+            "embedding, layers without parameters, and serial/residual/repeat of them")
+    return grads, dx
+
+
+def call_per_example_norms(layer: Layer, cache, dy):
+    """``(sq, dx)``: sq (N,) the squared L2 norm of each example's gradient over
+    ``layer``'s parameters (dy as in :func:`call_per_example`).
+
+    ``layer.per_example_norms`` when the layer has one; else the squares of
+    :func:`call_per_example`'s gradients summed per example (zeros for a
+    layer without parameters).
+    """
+    if layer.per_example_norms is not None:
+        return layer.per_example_norms(cache, dy)
+    grads, dx = call_per_example(layer, cache, dy)
+    return per_example_sq_norms(grads, dy.shape[0], dy.dtype), dx
+
+
+def per_example_sq_norms(per_example_grads, n: int, dtype):
+    """(n,): sum over the leaves of ``per_example_grads`` (leading axis n) of
+    each row's squared entries; zeros when there are no leaves."""
+    sq = jnp.zeros((n,), dtype)
+    for g in jax.tree_util.tree_leaves(per_example_grads):
+        sq = sq + (g * g).reshape(n, -1).sum(axis=1).astype(dtype)
+    return sq
 
 
 def call_loss(loss: Loss, pred, target, **kw):

@@ -72,16 +72,27 @@ def forward_backward(net: Layer, loss: Loss, params, x, y, *, dvalue=1.0, loss_d
       ``ValueError`` naming ``net`` when its backward returns grads that do
       not match ``params`` or a dx that does not match a float ``x``.
     """
+    value, dpred, pred, cache = forward_loss(net, loss, params, x, y, dvalue=dvalue, loss_dtype=loss_dtype,
+                                             where=where, **ctx)
+    grads, dx = net.backward(cache, dpred)
+    check_grads(net.name, grads, params)
+    check_dx(net.name, dx, x)
+    return Sweep(value, grads, dx, pred, cache)
+
+
+def forward_loss(net: Layer, loss: Loss, params, x, y, *, dvalue=1.0, loss_dtype=None, where=None, **ctx):
+    """The sweep up to the network's backward: ``(value, dpred, pred, cache)``
+    (the first three lines of the module docstring; arguments as
+    :func:`forward_backward`, which calls it). For callers that run their own
+    backward from ``dpred`` (:mod:`jaxprop.per_example`: per-example rules,
+    a reweighted ``dpred``)."""
     pred, cache = call_forward(net, params, x, **ctx)
     z = pred if loss_dtype is None else pred.astype(loss_dtype)
     value, lcache = call_loss(loss, z, y, where=where)
     dpred = loss.backward(lcache, jnp.asarray(dvalue, value.dtype))
     if dpred.dtype != pred.dtype:
         dpred = dpred.astype(pred.dtype)                # backward of the cast to loss_dtype
-    grads, dx = net.backward(cache, dpred)
-    check_grads(net.name, grads, params)
-    check_dx(net.name, dx, x)
-    return Sweep(value, grads, dx, pred, cache)
+    return value, dpred, pred, cache
 
 
 def next_state(net: Layer, state, cache, *, train=True):

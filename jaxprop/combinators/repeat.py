@@ -17,6 +17,10 @@ handed to block k (the dynamic programme). The per-step parameter gradients
 come out of the scan stacked, so ``grads`` has the structure of ``params``.
 The result equals ``serial`` of the same blocks with the same parameters.
 
+Per example (:mod:`jaxprop.per_example`) the reverse scan runs the block's
+per-example rule instead: gradients (N, n, ...) (example first, then
+block), squared norms summed over the blocks in the carry.
+
 Memory: forward caches are stacked, one slice per step. A block's cache
 entry that *is* one of its parameters (dense caches ``w``), its input
 (dense caches x) or its output (``relu(save="output")`` caches y) is not
@@ -30,7 +34,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxprop.core import Layer, call_forward, check_same_shape, shape_token, token_shape
+from jaxprop.combinators.remat import remat as remat_layer
+from jaxprop.core import (Layer, call_forward, call_per_example, call_per_example_norms, check_same_shape,
+                          shape_token, token_shape)
 
 _REF = "__jaxprop_ref__"     # marks a cache entry that is source number shape[-1] (see _strip)
 
@@ -67,7 +73,7 @@ def _restore(cache, sources):
                                   cache, is_leaf=_is_ref)
 
 
-def repeat(block: Layer, n: int, *, unroll: int = 1) -> Layer:
+def repeat(block: Layer, n: int, *, unroll: int = 1, remat: bool = False) -> Layer:
     r"""``n`` copies of a shape-keeping ``block``, each with its own parameters,
     applied in order by a ``lax.scan`` (see the module docstring for the math).
 
@@ -82,6 +88,10 @@ def repeat(block: Layer, n: int, *, unroll: int = 1) -> Layer:
       block: the layer to repeat; its output shape must equal its input shape.
       n: number of copies (>= 1).
       unroll: passed to ``lax.scan`` (1 keeps the program smallest).
+      remat: wrap the block in :func:`jaxprop.remat` inside the scan: each
+        step caches only its input, and the reverse scan re-runs that step's
+        forward before its backward (Chen et al. 2016). The stacked cache of
+        n steps becomes n inputs plus one step's cache at a time.
 
     Compile time and program size do not grow with ``n``: ``repeat(block, 64)``
     compiles about as fast as ``repeat(block, 4)``.
@@ -90,6 +100,8 @@ def repeat(block: Layer, n: int, *, unroll: int = 1) -> Layer:
         raise TypeError(f"repeat: block is {type(block).__name__}, not a jaxprop Layer")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"repeat: n must be a positive int, got {n!r}")
+    if remat:
+        block = remat_layer(block)
     name = f"repeat({block.name}, {n})"
 
     def init(key, in_shape):
@@ -161,12 +173,37 @@ def repeat(block: Layer, n: int, *, unroll: int = 1) -> Layer:
 
         def step(d, p, c):                             # (dtheta_k, dx_{k-1}) = f.backward(cache_k, dx_k)
             grads, dx = block.backward(c, d)
-            if dx is None:
-                raise ValueError(f"{name}: the block ({block.name}) returned dx=None; each block's input "
-                                 "is the previous block's output, which needs a gradient")
-            return dx, grads
+            return block_dx(dx), grads
 
         return _reverse(cache, dy, step)[::-1]
+
+    def block_dx(dx):
+        if dx is None:
+            raise ValueError(f"{name}: the block ({block.name}) returned dx=None; each block's input "
+                             "is the previous block's output, which needs a gradient")
+        return dx
+
+    def per_example(cache, dy):
+        check_same_shape(name, token_shape(cache["y_shape"]), dy)
+
+        def step(d, p, c):                             # block k's per-example rule, k = n..1
+            grads, dx = call_per_example(block, c, d)
+            return block_dx(dx), grads
+
+        dx, grads = _reverse(cache, dy, step)
+        # the scan stacks the steps first: (n, N, ...) -> (N, n, ...), example first like every rule
+        return jax.tree_util.tree_map(lambda g: jnp.moveaxis(g, 0, 1), grads), dx
+
+    def per_example_norms(cache, dy):
+        check_same_shape(name, token_shape(cache["y_shape"]), dy)
+
+        def step(carry, p, c):                         # squared norms add over the n blocks
+            d, sq = carry
+            sq_k, dx = call_per_example_norms(block, c, d)
+            return (block_dx(dx), sq + sq_k.astype(sq.dtype)), None
+
+        (dx, sq), _ = _reverse(cache, (dy, jnp.zeros(dy.shape[:1], dy.dtype)), step)
+        return sq, dx
 
     def init_state(in_shape):
         s = block.init_state(tuple(in_shape))
@@ -182,7 +219,7 @@ def repeat(block: Layer, n: int, *, unroll: int = 1) -> Layer:
     return Layer(init, forward, backward, name=name,
                  init_state=init_state if block.stateful else None,
                  update_state=update_state if block.stateful else None,
-                 stochastic=block.stochastic)
+                 stochastic=block.stochastic, per_example=per_example, per_example_norms=per_example_norms)
 
 
 def stack_params(params_list):

@@ -1,7 +1,8 @@
 r"""``residual(block)``: a skip connection, y = x + block(x)."""
 from __future__ import annotations
 
-from jaxprop.core import Layer, call_forward, check_same_shape, shape_token, token_shape
+from jaxprop.core import (Layer, call_forward, call_per_example, call_per_example_norms, check_same_shape,
+                          shape_token, token_shape)
 
 
 def residual(block: Layer) -> Layer:
@@ -15,7 +16,8 @@ def residual(block: Layer) -> Layer:
 
     The whole context (``key=``, ``state=``, ...) goes to the block. The
     identity path needs a floating-point x, so the block may not return
-    ``dx = None``.
+    ``dx = None``. Per example (:mod:`jaxprop.per_example`): the block's
+    per-example rule, and the same dx = dy + dx_block.
     """
     name = f"residual({block.name})"
 
@@ -31,15 +33,24 @@ def residual(block: Layer) -> Layer:
             raise ValueError(f"{name}: block must keep the shape; input {x.shape}, block output {h.shape}")
         return x + h, {"block": cache, "y_shape": shape_token(h)}
 
-    def backward(cache, dy):
+    def through(rule, cache, dy):
         check_same_shape(name, token_shape(cache["y_shape"]), dy)
-        grads, dx_block = block.backward(cache["block"], dy)
+        grads, dx_block = rule(cache["block"], dy)
         if dx_block is None:
             raise ValueError(f"{name}: the block ({block.name}) returned dx=None; a skip connection "
                              "x + block(x) needs a floating-point x with a gradient on both paths")
         return grads, dy + dx_block                     # fan-out: paths sum
 
+    def backward(cache, dy):
+        return through(block.backward, cache, dy)
+
+    def per_example(cache, dy):                         # the identity path has no parameters
+        return through(lambda c, d: call_per_example(block, c, d), cache, dy)
+
+    def per_example_norms(cache, dy):
+        return through(lambda c, d: call_per_example_norms(block, c, d), cache, dy)
+
     return Layer(init, forward, backward, name=name,
                  init_state=block.init_state, update_state=
                  (lambda state, cache: block.update_state(state, cache["block"])) if block.stateful else None,
-                 stochastic=block.stochastic)
+                 stochastic=block.stochastic, per_example=per_example, per_example_norms=per_example_norms)

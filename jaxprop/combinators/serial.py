@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import jax
 
-from jaxprop.core import Layer, call_forward, output_shape
+from jaxprop.core import Layer, call_forward, call_per_example, call_per_example_norms, output_shape
 
 
 def _split(key, n):
@@ -35,6 +35,11 @@ def serial(*layers: Layer) -> Layer:
     (``()`` for stateless ones), every other keyword reaches every layer
     that declares it. Only the first layer may return ``dx = None`` (a
     non-float input such as token ids); from a later layer it is an error.
+
+    Per example (:mod:`jaxprop.per_example`) the sweep is the same with each
+    layer's per-example rule (:func:`jaxprop.core.call_per_example`): the
+    per-example gradients are a tuple per layer, and the squared per-example
+    norms add over the layers.
     """
     if not layers:
         raise ValueError("serial: needs at least one layer")
@@ -71,16 +76,34 @@ def serial(*layers: Layer) -> Layer:
             caches.append(cache)
         return x, tuple(caches)
 
+    def check_dx(i, dy):
+        if dy is None and i > 0:
+            raise ValueError(
+                f"{name}: layer {i} ({layers[i].name}) returned dx=None, but its input is the output "
+                f"of layer {i - 1} ({layers[i - 1].name}), which needs a gradient; only the first "
+                "layer may return dx=None (a non-float input, e.g. token ids)")
+
     def backward(cache, dy):
         grads = [None] * len(layers)
         for i in reversed(range(len(layers))):          # the reverse sweep
             grads[i], dy = layers[i].backward(cache[i], dy)
-            if dy is None and i > 0:
-                raise ValueError(
-                    f"{name}: layer {i} ({layers[i].name}) returned dx=None, but its input is the output "
-                    f"of layer {i - 1} ({layers[i - 1].name}), which needs a gradient; only the first "
-                    "layer may return dx=None (a non-float input, e.g. token ids)")
+            check_dx(i, dy)
         return tuple(grads), dy
+
+    def per_example(cache, dy):                         # the same sweep, each layer's per-example rule
+        grads = [None] * len(layers)
+        for i in reversed(range(len(layers))):
+            grads[i], dy = call_per_example(layers[i], cache[i], dy)
+            check_dx(i, dy)
+        return tuple(grads), dy
+
+    def per_example_norms(cache, dy):                   # squared norms add over the layers' parameters
+        sq = 0
+        for i in reversed(range(len(layers))):
+            sq_i, dy = call_per_example_norms(layers[i], cache[i], dy)
+            check_dx(i, dy)
+            sq = sq + sq_i
+        return sq, dy
 
     def init_state(in_shape):
         states, shape = [], tuple(in_shape)
@@ -96,4 +119,4 @@ def serial(*layers: Layer) -> Layer:
     return Layer(init, forward, backward, name=name,
                  init_state=init_state if stateful else None,
                  update_state=update_state if stateful else None,
-                 stochastic=stochastic)
+                 stochastic=stochastic, per_example=per_example, per_example_norms=per_example_norms)

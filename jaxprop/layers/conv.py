@@ -40,6 +40,24 @@ with output-channel group g, which is ``batch_group_count=G``. The hi padding
 is cut by the trailing positions no window reaches, so exactly K taps come
 out. Finally ``db[f] = sum_{n, o} dY[n, o, f]``.
 
+Per example (:mod:`jaxprop.per_example`): dW_n is the same sum with the sum
+over n dropped, computed tap by tap: with V_k (N, P, C) the input entries
+xp[n, oS + kD, :] that tap k meets at the P output positions (a strided
+slice, no patch matrix), dW_n[k] = V_k[n]^T dY_n per group, a batched matmul
+((N, C/G, F) per tap; (N, K, C/G, F) stacked); db_n = sum_o dY[n, o, :].
+Its squared norm sums the taps' squares one tap at a time, or, without any
+kernel-sized array, takes the Gram form of Li et al. (2022) over the P
+output positions: with U_n (P, K C_g) the patches of group g (row o:
+xp[n, oS + kD, g C_g + i] over k, i)::
+
+    ||dW_n||^2 = sum_g <U_ng U_ng^T, dY_ng dY_ng^T>_F,    U U^T = sum_k V_k V_k^T
+
+(V_k per group). Both run as a ``lax.scan`` over the K taps, so one tap's
+V_k and its (C/G, F) slice (or P x P term) are alive at a time; the rule
+takes the Gram form when its temporaries, 3 G P^2 numbers per example,
+are fewer than the C/G F of one tap's slice -- deep layers with few
+positions and many channels (measured in experiments/bench/per_example.py).
+
 Choice: both gradients are written as ``lax.conv_general_dilated`` calls with
 explicit dimension numbers rather than im2col + matmul. Same arithmetic, but
 no (N, O, K C) patch matrix in memory and XLA's convolution kernels on every
@@ -48,6 +66,7 @@ gather, see :mod:`jaxprop.layers.spatial`); its backward folds dxp back.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import jax.numpy as jnp
@@ -77,7 +96,9 @@ def _conv(nd, features, kernel_size, stride, padding, dilation, groups, bias, w_
     padding = sp.check_padding_spec(padding, layer)
     if not isinstance(groups, (int, np.integer)) or groups < 1 or features % groups:
         raise ValueError(f"{layer}: groups must be a positive int dividing features={features}, got {groups!r}")
-    name = f"{layer}({features}, {ks if nd > 1 else ks[0]})"
+    shown = (("stride", st, (1,) * nd), ("padding", padding, "SAME"), ("dilation", dl, (1,) * nd), ("groups", groups, 1))
+    name = f"{layer}({features}, {ks if nd > 1 else ks[0]}" + "".join(  # the options that differ from the defaults
+        f", {k}={(v[0] if nd == 1 and k in ('stride', 'dilation') else v)!r}" for k, v, d in shown if v != d) + ")"
     init_w = initializers.get(w_init)
     spatial_names = "L" if nd == 1 else "H, W"
 
@@ -129,6 +150,13 @@ def _conv(nd, features, kernel_size, stride, padding, dilation, groups, bias, w_
             y = y + params["b"].reshape((1,) * (nd + 1) + (features,))     # b[None, ..., :]
         return y, {"x": xp, "w": w, "x_shape": shape_token(x)}
 
+    def kernel_grad(xp, dy, conv_pads, out):
+        """dW[k, i, f] = sum_{n,o} xp[n, oS + kD, gC_g + i] dY[n, o, f]: correlate xp with dY."""
+        used = [(o - 1) * s + (k - 1) * d + 1 for o, s, k, d in zip(out, st, ks, dl)]
+        w_pads = [(lo, hi - (n + lo + hi - u)) for (lo, hi), n, u in zip(conv_pads, xp.shape[1:-1], used)]
+        return lax.conv_general_dilated(xp, dy, dl, w_pads, rhs_dilation=st,
+                                        dimension_numbers=_KERNEL_GRAD[nd], batch_group_count=groups)
+
     def backward(cache, dy):
         xp, w = cache["x"], cache["w"]
         x_shape = token_shape(cache["x_shape"])
@@ -138,12 +166,7 @@ def _conv(nd, features, kernel_size, stride, padding, dilation, groups, bias, w_
         c_g, f_g = w.shape[-2], features // groups
 
         # forward was: y = conv(xp, W) + b;  db = sum over n and positions
-        grads = {}
-        # dW[k, i, f] = sum_{n,o} xp[n, oS + kD, gC_g + i] dY[n, o, f]: correlate xp with dY
-        used = [(o - 1) * s + (k - 1) * d + 1 for o, s, k, d in zip(out, st, ks, dl)]
-        w_pads = [(lo, hi - (n + lo + hi - u)) for (lo, hi), n, u in zip(conv_pads, conv_in, used)]
-        grads["w"] = lax.conv_general_dilated(xp, dy, dl, w_pads, rhs_dilation=st,
-                                              dimension_numbers=_KERNEL_GRAD[nd], batch_group_count=groups)
+        grads = {"w": kernel_grad(xp, dy, conv_pads, out)}
         if bias:
             grads["b"] = dy.sum(axis=tuple(range(nd + 1)))
 
@@ -160,7 +183,70 @@ def _conv(nd, features, kernel_size, stride, padding, dilation, groups, bias, w_
         dx = sp.wrap_pad_backward(dxp, pads, x_shape[1:-1]) if circular else dxp
         return grads, dx
 
-    return Layer(init, forward, backward, name=name)
+    def per_example_taps(cache, dy):
+        """``(offsets, view, dyg)``: the taps' offsets k D (T, nd) in row-major order; ``view(offset)``,
+        V_k (N, P, G, C_g) = xq[n, oS + kD, g C_g + i] at every output position o of the zero-padded
+        input xq (a dynamic slice, so a ``lax.scan`` over the taps holds one at a time); dY (N, P, G, F_g)."""
+        x_shape = token_shape(cache["x_shape"])
+        _, _, conv_pads, out = geometry(x_shape)
+        check_same_shape(name, (x_shape[0],) + out + (features,), dy)
+        xp, n, p = cache["x"], dy.shape[0], math.prod(out)
+        c = xp.shape[-1]
+        xq = lax.pad(xp, jnp.zeros((), xp.dtype), ((0, 0, 0),) + tuple((lo, hi, 0) for lo, hi in conv_pads)
+                     + ((0, 0, 0),))
+        offsets = np.array([[a * d for a, d in zip(tap, dl)] for tap in itertools.product(*(range(k) for k in ks))],
+                           np.int32)
+        spans = tuple((o - 1) * s + 1 for o, s in zip(out, st))
+
+        def view(offset):
+            zero = jnp.zeros((), offset.dtype)      # one integer type for every start index (x64 or not)
+            window = lax.dynamic_slice(xq, (zero,) + tuple(offset[i] for i in range(nd)) + (zero,),
+                                       (n,) + spans + (c,))
+            strided = lax.slice(window, (0,) * (nd + 2), window.shape, (1,) + st + (1,))
+            return strided.reshape(n, p, groups, c // groups)
+
+        return offsets, view, dy.reshape(n, p, groups, features // groups)
+
+    def tap_grad(v, dyg):
+        """dW_n[k, i, g F_g + j] = sum_o V_k[n, o, g, i] dY[n, o, g, j]: (N, C_g, F) for one tap."""
+        dw = jnp.einsum("npgi,npgj->nigj", v, dyg)
+        return dw.reshape(dw.shape[0], dw.shape[1], features)
+
+    def bias_per_example(dy):
+        return dy.sum(axis=tuple(range(1, nd + 1)))                          # (N, F)
+
+    def per_example(cache, dy):
+        offsets, view, dyg = per_example_taps(cache, dy)
+        # forward was: y = conv(xp, W) + b; dW's correlation with the sum over n dropped, tap by tap
+        _, dw = lax.scan(lambda carry, off: (carry, tap_grad(view(off), dyg)), None, offsets)   # (T, N, C/G, F)
+        grads = {"w": jnp.moveaxis(dw, 0, 1).reshape((dy.shape[0],) + ks + dw.shape[2:])}
+        if bias:
+            grads["b"] = bias_per_example(dy)
+        return grads, backward(cache, dy)[1]
+
+    def per_example_norms(cache, dy):
+        offsets, view, dyg = per_example_taps(cache, dy)
+        n, p, _, f_g = dyg.shape
+        c_g = cache["x"].shape[-1] // groups
+        if 3 * groups * p * p < c_g * features:       # the smaller temporaries (module docstring)
+            # Gram form: ||dW_n||^2 = sum_g <U_ng U_ng^T, dY_ng dY_ng^T>, U_ng (P, K C_g) the patches of
+            # group g; U U^T = sum_k V_k V_k^T, accumulated over the taps: (N, G, P, P)
+            def gram_step(gram, off):
+                v = view(off)
+                return gram + jnp.einsum("npgi,nqgi->ngpq", v, v), None
+            gram_x, _ = lax.scan(gram_step, jnp.zeros((n, groups, p, p), dyg.dtype), offsets)
+            sq = jnp.einsum("ngpq,ngpq->n", gram_x, jnp.einsum("npgj,nqgj->ngpq", dyg, dyg))
+        else:                                   # tap by tap: one (N, C/G, F) slice of the kernels at a time
+            def tap_step(sq, off):
+                return sq + (tap_grad(view(off), dyg) ** 2).sum(axis=(1, 2)), None
+            sq, _ = lax.scan(tap_step, jnp.zeros((n,), dyg.dtype), offsets)
+        if bias:
+            db = bias_per_example(dy)
+            sq = sq + (db * db).sum(axis=1)
+        return sq, backward(cache, dy)[1]
+
+    return Layer(init, forward, backward, name=name, per_example=per_example,
+                 per_example_norms=per_example_norms)
 
 
 _ARGS_DOC = """

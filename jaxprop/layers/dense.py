@@ -27,6 +27,16 @@ def dense(features: int, *, bias: bool = True, w_init="glorot", dtype=None) -> L
     ``dW`` sums over the batch because every row of X shares the one W (fan-out
     of W to M rows: the chain rule sums over paths).
 
+    Per example (:mod:`jaxprop.per_example`; x (N, T..., I) seen as X_n
+    (T, I) per example, dY_n (T, O), T = 1 for a 2-D x)::
+
+        dW_n = X_n^T dY_n   (N, I, O)           db_n = sum_t dY_n[t]   (N, O)
+        ||dW_n||^2 = ||x_n||^2 ||dy_n||^2                   (T = 1: no (N, I, O) array)
+                   = <X_n X_n^T, dY_n dY_n^T>_F             (T > 1, Li et al. 2022: (N, T, T))
+
+    (the norms form ``||X^T dY||^2 = tr(dY^T X X^T dY)``; when 2 T^2 > I O
+    the (N, I, O) gradients are the smaller array and are used instead).
+
     Args:
       features: O, the number of outputs.
       bias: whether to add ``b``; without it params are ``{"w"}`` only.
@@ -76,4 +86,34 @@ def dense(features: int, *, bias: bool = True, w_init="glorot", dtype=None) -> L
         dx = dy @ w.T                           # (..., O) @ (O, I)
         return grads, dx
 
-    return Layer(init, forward, backward, name=name)
+    def rows(cache, dy):
+        """X_n (N, T, I) and dY_n (N, T, O): each example's T rows (T = 1 for 2-D x)."""
+        x, w = cache["x"], cache["w"]
+        check_same_shape(name, x.shape[:-1] + (w.shape[1],), dy)
+        n = x.shape[0]
+        return x.reshape(n, -1, w.shape[0]), dy.reshape(n, -1, w.shape[1])
+
+    def per_example(cache, dy):
+        x3, dy3 = rows(cache, dy)
+        grads = {"w": jnp.einsum("nti,nto->nio", x3, dy3)}     # forward was: y = x @ w, per example
+        if bias:
+            grads["b"] = dy3.sum(axis=1)                        # forward was: y = ... + b[None, :]
+        return grads, backward(cache, dy)[1]
+
+    def per_example_norms(cache, dy):
+        x3, dy3 = rows(cache, dy)
+        (n, t, i), o = x3.shape, dy3.shape[-1]
+        if t == 1:                              # ||x_n dy_n^T||^2 = ||x_n||^2 ||dy_n||^2
+            sq = (x3 * x3).sum(axis=(1, 2)) * (dy3 * dy3).sum(axis=(1, 2))
+        elif 2 * t * t <= i * o:                # <X_n X_n^T, dY_n dY_n^T>: two (N, T, T), not (N, I, O)
+            sq = jnp.einsum("nts,nts->n", x3 @ x3.transpose(0, 2, 1), dy3 @ dy3.transpose(0, 2, 1))
+        else:                                   # T^2 > I O: the (N, I, O) gradients are the smaller array
+            dw = jnp.einsum("nti,nto->nio", x3, dy3)
+            sq = (dw * dw).sum(axis=(1, 2))
+        if bias:
+            db = dy3.sum(axis=1)
+            sq = sq + (db * db).sum(axis=1)
+        return sq, backward(cache, dy)[1]
+
+    return Layer(init, forward, backward, name=name, per_example=per_example,
+                 per_example_norms=per_example_norms)

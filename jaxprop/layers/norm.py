@@ -69,6 +69,17 @@ from the cached xhat and r, so it inherits the accuracy. k enters through
 zero), so jax.grad, the tests' reference, need not carry that path; the
 hand-written backward never differentiates the forward at all.
 
+Per example (:mod:`jaxprop.per_example`): layer norm and group norm
+standardize each example on its own, so example n's gradients are the sums
+above without the sum over n, (N, C) each::
+
+    dgamma_n = sum_{L...} dY_n xhat_n        dbeta_n = sum_{L...} dY_n
+
+Batch norm in evaluation mode (fixed statistics) likewise; in training mode
+every output depends on the whole batch through mu_B and var_B, so there is
+no per-example gradient: it raises ``PerExampleUnsupported`` and suggests
+group norm (as Opacus does).
+
 Degenerate sets: m = 0 (e.g. an empty batch in batch norm) raises a
 ValueError (mu and var are undefined: NaN running statistics); m = 1 warns
 once per layer (xhat = 0, so the output is beta and dx = 0).
@@ -82,7 +93,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxprop.core import Layer, check_float, check_input, check_same_shape, default_float
+from jaxprop.core import Layer, PerExampleUnsupported, check_float, check_input, check_same_shape, default_float
 from jaxprop.layers._params import check_params
 
 # Batch norm's backward: True = the two-reduction identity of the module docstring; False = the
@@ -168,6 +179,30 @@ def _affine_backward(cache, dy, axes_all_but_c):
     grads = {"scale": (dy * xhat).sum(axis=axes_all_but_c),     # forward was: y = gamma xhat + ...
              "offset": dy.sum(axis=axes_all_but_c)}             # forward was: y = ... + beta
     return grads, dy * _channel(gamma, dy.ndim)
+
+
+def _affine_per_example(cache, dy):
+    """Per example (N, C): dgamma_n = sum_{positions} dY_n xhat_n, dbeta_n = sum_{positions} dY_n."""
+    middle = tuple(range(1, dy.ndim - 1))
+    return {"scale": (dy * cache["xhat"]).sum(axis=middle),    # forward was: y = gamma xhat + ...
+            "offset": dy.sum(axis=middle)}                    # forward was: y = ... + beta
+
+
+def _with_per_example(layer: Layer, refuse=None) -> Layer:
+    """``layer`` with the per-example rules of its scale and offset (:func:`_affine_per_example`);
+    dx is the layer's own backward's. ``refuse(cache)``: raise when the examples are mixed."""
+
+    def per_example(cache, dy):
+        if refuse is not None:
+            refuse(cache)
+        check_same_shape(layer.name, cache["xhat"], dy)
+        return _affine_per_example(cache, dy), layer.backward(cache, dy)[1]
+
+    def per_example_norms(cache, dy):
+        grads, dx = per_example(cache, dy)
+        return (grads["scale"] ** 2).sum(axis=1) + (grads["offset"] ** 2).sum(axis=1), dx
+
+    return layer._replace(per_example=per_example, per_example_norms=per_example_norms)
 
 
 def batch_norm(momentum: float = 0.9, *, eps: float = 1e-5, dtype=None) -> Layer:
@@ -262,7 +297,15 @@ def batch_norm(momentum: float = 0.9, *, eps: float = 1e-5, dtype=None) -> Layer
         return {k: momentum * state[k] + (1.0 - momentum) * cache["batch_" + k].astype(state[k].dtype)
                 for k in ("mean", "var")}
 
-    return Layer(init, forward, backward, name=name, init_state=init_state, update_state=update_state)
+    def refuse(cache):
+        if "batch_mean" in cache:
+            raise PerExampleUnsupported(
+                f"{name}: batch norm in training mode mixes the examples of a batch (every output depends "
+                "on the batch statistics), so an example's gradient is not defined and DP-SGD's clipping "
+                "would not bound it; use group_norm (or layer_norm) instead, or batch norm with train=False")
+
+    return _with_per_example(Layer(init, forward, backward, name=name, init_state=init_state,
+                                   update_state=update_state), refuse)
 
 
 def layer_norm(*, eps: float = 1e-5, dtype=None) -> Layer:
@@ -301,7 +344,7 @@ def layer_norm(*, eps: float = 1e-5, dtype=None) -> Layer:
         # forward was: xhat = (x - mu) r over the last axis
         return grads, _standardize_backward(dxhat, cache["xhat"], cache["r"], (dy.ndim - 1,))
 
-    return Layer(init, forward, backward, name=name)
+    return _with_per_example(Layer(init, forward, backward, name=name))
 
 
 def group_norm(groups: int, *, eps: float = 1e-5, dtype=None) -> Layer:
@@ -367,7 +410,7 @@ def group_norm(groups: int, *, eps: float = 1e-5, dtype=None) -> Layer:
                                     reduce_axes(len(gshape)))
         return grads, dxg.reshape(dy.shape)
 
-    return Layer(init, forward, backward, name=name)
+    return _with_per_example(Layer(init, forward, backward, name=name))
 
 
 def _group_norm_backward_factored(cache, dy, gshape):
