@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxprop as jp
+from experiments.bench import benchmark as bm
 from jaxprop import autodiff
 from jaxprop.layers.attention import attention
 
@@ -99,13 +100,9 @@ def main(argv=None):
             for u, v in zip(jax.tree_util.tree_leaves(grads[k]), ref))
 
     def run(k):
-        s = time.perf_counter()
-        jax.block_until_ready(steps[k](*call))
-        return time.perf_counter() - s
+        return bm.timed(steps[k], *call)
 
-    for _ in range(args.warmup):
-        for k in VARIANTS:
-            run(k)
+    bm.warm_up(run, VARIANTS, args.warmup)
     names = ("lse/jax.grad", "probs/jax.grad", "lse/probs")
     ratios = {n: [] for n in names}
     med = {k: [] for k in VARIANTS}

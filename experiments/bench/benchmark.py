@@ -404,6 +404,20 @@ def interleaved(contestants: dict, k, pairs: int, pair=("hand", "ad"), subs: int
     return times
 
 
+def timed(fn, *args) -> float:
+    """Seconds for one call of ``fn(*args)``, waiting for its result."""
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - t
+
+
+def warm_up(run, names, rounds: int):
+    """``rounds`` untimed calls of ``run(name)`` for each name (compilation, caches)."""
+    for _ in range(rounds):
+        for name in names:
+            run(name)
+
+
 def alternating_pairs(run, names=("hand", "autodiff"), *, pairs: int, warmup: int):
     """Time two steps one call at a time: ``run(name)`` returns the seconds of one
     step of ``name``. After ``warmup`` calls of each, ``pairs`` pairs, alternating

@@ -45,6 +45,7 @@ import numpy as np
 import optax
 
 import jaxprop as jp
+from experiments.bench import benchmark as bm
 from jaxprop import autodiff
 from jaxprop.layers import norm
 from jaxprop.models import build_model
@@ -140,13 +141,9 @@ def main(argv=None):
     xla = {k: xla_figures(steps[k], call) for k in VARIANTS}
 
     def run(k):
-        t = time.perf_counter()
-        jax.block_until_ready(steps[k](*call))
-        return time.perf_counter() - t
+        return bm.timed(steps[k], *call)
 
-    for _ in range(args.warmup):
-        for k in VARIANTS:
-            run(k)
+    bm.warm_up(run, VARIANTS, args.warmup)
     med = {k: [] for k in VARIANTS}
     names = ("hand/autodiff", "hand_old/autodiff", "hand/hand_old")
     ratios = {"median": {k: [] for k in names}, "min": {k: [] for k in names}}

@@ -67,15 +67,8 @@ def main(argv=None):
     params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
     opt_state = tx.init(params)
 
-    def make_step(vg):
-        def step(p, s, xx, yy):
-            value, grads = vg(p, xx, yy)
-            updates, s = tx.update(grads, s, p)
-            return optax.apply_updates(p, updates), s, value
-        return jax.jit(step)
-
-    steps = {"hand": make_step(jp.value_and_grad(net, loss)),
-             "autodiff": make_step(autodiff.value_and_grad(net, loss))}
+    steps = {"hand": jp.train.make_train_step(jp.value_and_grad(net, loss), tx, donate=False),
+             "autodiff": jp.train.make_train_step(autodiff.value_and_grad(net, loss), tx, donate=False)}
     report = {"cell": args.cell, "hidden": args.hidden, "batch": args.batch_size, "length": args.length,
               "features": args.features, "dtype": "float32", "backend": jax.default_backend(),
               "devices": len(jax.devices()), "cpus": os.cpu_count(),

@@ -22,7 +22,7 @@ import sys
 from experiments.train.seeds import aggregate, run_seeds, write
 
 _MNIST1D = "--dataset mnist1d --optimizer adam --lr 1e-2 --schedule constant --batch-size 100 --eval-every 500"
-_TEXT = "--dataset shakespeare --context 128 --batch-size 32 --steps 1000 --clip-norm 1.0 --eval-every 500"
+_TEXT = "--dataset shakespeare --context 128 --batch-size 32 --steps 1000 --clip-norm 1.0 --eval-every 1000"
 
 EXPERIMENTS = {
     "gru_mnist1d": f"{_MNIST1D} --model gru:128 --steps 2000",
@@ -31,7 +31,12 @@ EXPERIMENTS = {
     "lstm_mnist1d_autodiff": f"{_MNIST1D} --model lstm:128 --steps 3000 --grad autodiff",
     "gru_shakespeare": (f"{_TEXT} --model gru:256:emb=64 --optimizer adam --lr 1e-2 "
                         "--schedule warmup_cosine --warmup-steps 50 --end-lr 1e-3"),
+    "gpt_shakespeare": (f"{_TEXT} --model gpt:2-64-4:tied --optimizer adamw "
+                        "--opt-args b1=0.9,b2=0.99,weight_decay=0.1,mask=matrices --lr 2e-2 "
+                        "--schedule warmup_cosine --warmup-steps 50 --end-lr 2e-3"),
 }
+for _name in ("gru_shakespeare", "gpt_shakespeare"):
+    EXPERIMENTS[_name + "_autodiff"] = EXPERIMENTS[_name] + " --grad autodiff"
 
 
 def main(argv=None):
