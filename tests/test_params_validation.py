@@ -83,7 +83,7 @@ CONV2 = jnp.ones((2, 6, 7, 4))
      r"conv1d\(6, 3\): params\['w'\] expected shape \(3, C/G, 6\), got \(3, 4, 8\)"),
     (lambda: jp.conv1d(6, 3), lambda: jp.conv1d(8, 3), CONV, r"conv1d\(6, 3\): params\['b'\] expected shape \(6,\), got \(8,\)"),
     (lambda: jp.conv1d(6, 3, groups=2), lambda: jp.conv1d(6, 3), CONV,
-     r"conv1d\(6, 3\): expected input with 8 features on the last axis, got shape \(2, 10, 4\)"),
+     r"conv1d\(6, 3, groups=2\): expected input with 8 features on the last axis, got shape \(2, 10, 4\)"),
     (lambda: jp.conv2d(5, 3), lambda: jp.conv2d(5, (3, 2)), CONV2,
      r"conv2d\(5, \(3, 3\)\): params\['w'\] expected shape \(3, 3, C/G, 5\), got \(3, 2, 4, 5\)"),
     (lambda: jp.conv2d(5, 3, bias=False), lambda: jp.conv1d(5, 3, bias=False), CONV2,

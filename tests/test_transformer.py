@@ -12,13 +12,20 @@ from jaxprop.layers.dense import dense
 from jaxprop.layers.norm import layer_norm
 from jaxprop.layers.transformer import transformer_block
 
-try:
-    from jaxprop.testing import Case
-except ImportError:                                   # before the registry moved into the library
-    from cases import Case
-
-# Finite differences off: attention's dJ/dbk is exactly 0 (see tests/test_attention.py).
 # Registry entries (transformer_block, transformer_block_lse) are in jaxprop.testing.CASES.
+
+
+def _composition(heads, mlp_ratio, width, causal, save):
+    """The block written out with serial/residual: x + attention(layer_norm(x)), then
+    x + dense(D)(gelu_tanh(dense(mlp_ratio D)(layer_norm(x))))."""
+    return serial(residual(serial(layer_norm(), attention(heads, causal=causal, save=save))),
+                  residual(serial(layer_norm(), dense(mlp_ratio * width), gelu(approximate=True),
+                                  dense(width))))
+
+
+def _run(layer, params, x, dy):
+    y, cache = layer.forward(params, x)
+    return y, layer.backward(cache, dy)
 
 
 def test_block_is_its_composition_and_save_modes_agree():
