@@ -13,6 +13,9 @@ from jaxprop import testing as jt
 
 CASES = jt.CASES
 DTYPES = [jnp.float64, jnp.float32]
+# op-by-op (eager) float32 runs for one case of each kind; the CI machine has 2 cores
+EAGER_FLOAT32 = {"dense", "relu", "gelu_tanh", "softmax", "dropout_train", "serial", "conv1d", "max_pool",
+                 "batch_norm", "layer_norm", "embedding", "rnn", "attention", "remat"}
 
 
 def _skip_unless_run(reason):
@@ -24,6 +27,8 @@ def _skip_unless_run(reason):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_backward_matches_autodiff(case, dtype, jit):
+    if not jit and dtype == jnp.float32 and case.name not in EAGER_FLOAT32:
+        pytest.skip("eager float32 on a representative subset (float64 eager and float32 jitted cover the rest)")
     _skip_unless_run(jt.check_backward(case, dtype, jit))
 
 
