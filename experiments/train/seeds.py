@@ -1,12 +1,15 @@
 """One runner command over several seeds: run (or reuse) each seed's folder, then mean +/- std.
 
 Shared by the experiment drivers of this folder (cnn_mnist1d, sequence). Run folders go to
-``runs/<group>/<name>-seed<k>/`` (not committed); an interrupted run is continued with --resume.
+``runs/<group>/<name>-<options hash>-seed<k>/`` (not committed): a finished folder is reused only
+for the same options (a changed recipe gets a new folder, never an old result); an interrupted run
+is continued with --resume.
 std is the sample standard deviation (ddof = 1). CPU time is the process time of the run (both
 cores, compilation included); wall time is the runner's training loop.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -17,7 +20,8 @@ from jaxprop.runner import cli
 
 
 def run_one(group, name, options, seed, extra=()):
-    out = os.path.join("runs", group, f"{name}-seed{seed}")
+    tag = hashlib.sha256(" ".join(shlex.split(options) + list(extra)).encode()).hexdigest()[:8]
+    out = os.path.join("runs", group, f"{name}-{tag}-seed{seed}")
     argv = shlex.split(options) + ["--seed", str(seed), "--out", out, "--no-progress"] + list(extra)
     if os.path.exists(os.path.join(out, "summary.json")):
         with open(os.path.join(out, "summary.json")) as f:
