@@ -22,6 +22,8 @@ import sys
 
 import numpy as np
 
+from helpers import with_test_xla_flags
+
 N, D_IN, N_CLASSES = 64, 12, 5          # 64 appears in no parameter shape (HLO check below)
 STEPS = 20
 LR = 1e-2
@@ -32,7 +34,7 @@ def clean_env(n_devices: int) -> dict:
     with ``n_devices`` emulated CPU devices."""
     env = {k: v for k, v in os.environ.items()
            if "proxy" not in k.lower() and k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+    env["XLA_FLAGS"] = with_test_xla_flags(f"--xla_force_host_platform_device_count={n_devices}")
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONUNBUFFERED"] = "1"
     return env

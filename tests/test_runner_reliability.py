@@ -22,6 +22,7 @@ import optax
 import pytest
 
 import jaxprop as jp
+from helpers import with_test_xla_flags
 from jaxprop import checkpoint as ckpt
 from jaxprop import cli, data, train
 from jaxprop.runner import rundir
@@ -462,8 +463,8 @@ def test_ctrl_c_in_the_runner_prints_how_to_continue(tmp_path):
 
 def _emulated(n, code, timeout):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={n} "
-                        "--xla_cpu_collective_call_terminate_timeout_seconds=20")
+    env["XLA_FLAGS"] = with_test_xla_flags(f"--xla_force_host_platform_device_count={n} "
+                                           "--xla_cpu_collective_call_terminate_timeout_seconds=20")
     env["JAX_PLATFORMS"] = "cpu"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=str(ROOT), env=env,
                           timeout=timeout)
@@ -489,7 +490,7 @@ def test_readme_multi_device_command_runs(tmp_path):
     flags, command = m.group(1), shlex.split(m.group(2))
     assert flags == "--xla_force_host_platform_device_count=8"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    env.update(XLA_FLAGS=with_test_xla_flags(flags), JAX_PLATFORMS="cpu")
     res = subprocess.run([sys.executable] + command + ["--out", str(tmp_path / "run"), "--no-progress"],
                          capture_output=True, cwd=str(ROOT), env=env, timeout=240)
     assert res.returncode == 0, res.stderr.decode()[-3000:]
