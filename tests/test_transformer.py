@@ -54,10 +54,27 @@ def test_block_errors():
             transformer_block(2, **bad)
 
 
+def _torch_block(torch, params, x, heads, causal):
+    """The pre-LN block in PyTorch (scaled_dot_product_attention, layer_norm, GELU-tanh) on
+    jaxprop's params mapped one to one: x + attn(ln1(x)), then + proj(gelu(fc(ln2(.))))."""
+    f = torch.nn.functional
+    (ln1, at), (ln2, fc, _, proj) = params
+    n, t, dim = x.shape
+
+    def mha(h):
+        q, k, v = ((h @ at["w" + c] + at["b" + c]).reshape(n, t, heads, dim // heads).transpose(1, 2)
+                   for c in "qkv")
+        o = f.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return o.transpose(1, 2).reshape(n, t, dim) @ at["wo"] + at["bo"]
+
+    hid = x + mha(f.layer_norm(x, (dim,), ln1["scale"], ln1["offset"], eps=1e-5))
+    u = f.layer_norm(hid, (dim,), ln2["scale"], ln2["offset"], eps=1e-5)
+    return hid + f.gelu(u @ fc["w"] + fc["b"], approximate="tanh") @ proj["w"] + proj["b"]
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_block_equals_pytorch(causal):
     torch = pytest.importorskip("torch")
-    f = torch.nn.functional
     heads, shape = 2, (2, 9, 8)
     block = transformer_block(heads, causal=causal, save="lse")
     _, params = block.init(jax.random.key(0), shape)
@@ -70,21 +87,46 @@ def test_block_equals_pytorch(causal):
     y, (grads, dx) = jax.jit(lambda p, xx: _run(block, p, xx, dy))(params, x)
 
     tl = [torch.tensor(np.asarray(a), requires_grad=True) for a in leaves]
-    (ln1, at), (ln2, fc, _, proj) = jax.tree_util.tree_unflatten(treedef, tl)
     tx = torch.tensor(np.asarray(x), requires_grad=True)
-    n, t, dim = shape
-
-    def mha(h):
-        q, k, v = ((h @ at["w" + c] + at["b" + c]).reshape(n, t, heads, dim // heads).transpose(1, 2)
-                   for c in "qkv")
-        o = f.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return o.transpose(1, 2).reshape(n, t, dim) @ at["wo"] + at["bo"]
-
-    hid = tx + mha(f.layer_norm(tx, (dim,), ln1["scale"], ln1["offset"], eps=1e-5))
-    u = f.layer_norm(hid, (dim,), ln2["scale"], ln2["offset"], eps=1e-5)
-    ty = hid + f.gelu(u @ fc["w"] + fc["b"], approximate="tanh") @ proj["w"] + proj["b"]
+    ty = _torch_block(torch, jax.tree_util.tree_unflatten(treedef, tl), tx, heads, causal)
     ty.backward(torch.tensor(np.asarray(dy)))
     np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-10, atol=1e-12)
     for g, tg in zip(jax.tree_util.tree_leaves(grads), tl):
+        np.testing.assert_allclose(g, tg.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec", ["gpt:2-8-2:tied", "gpt:2-8-2:save=lse"])
+def test_gpt_equals_pytorch(spec):
+    """The runner's whole GPT (embeddings, 2 blocks, final layer norm, head; tied: logits = h E^T + b)
+    and its mean next-token cross-entropy equal PyTorch's on the same weights: the loss, and every
+    gradient of jp.value_and_grad, the tied embedding's being the sum of its two uses."""
+    torch = pytest.importorskip("torch")
+    from jaxprop.runner.models import build_model
+
+    vocab, (n, t), heads = 11, (3, 7), 2
+    net = build_model(spec, vocab, vocab_size=vocab, context=t)
+    _, params = net.init(jax.random.key(0), (n, t))
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    leaves = [a + 0.1 * jax.random.normal(jax.random.fold_in(jax.random.key(4), i), a.shape)
+              for i, a in enumerate(leaves)]                   # nonzero biases, non-unit scales
+    params = jax.tree_util.tree_unflatten(treedef, leaves)
+    ids = jax.random.randint(jax.random.key(1), (n, t + 1), 0, vocab)
+    x, y = ids[:, :-1], ids[:, 1:]
+    value, grads = jax.jit(jp.value_and_grad(net, jp.softmax_cross_entropy()))(params, x, y)
+
+    tl = [torch.tensor(np.asarray(a), requires_grad=True) for a in leaves]
+    tp = jax.tree_util.tree_unflatten(treedef, tl)
+    emb, pos, blocks, ln, head = tp[0]["w"], tp[1]["w"], tp[2:-2], tp[-2], tp[-1]
+    h = emb[torch.tensor(np.asarray(x))] + pos[:t]
+    for block in blocks:
+        h = _torch_block(torch, block, h, heads, causal=True)
+    h = torch.nn.functional.layer_norm(h, (h.shape[-1],), ln["scale"], ln["offset"], eps=1e-5)
+    logits = h @ (emb.T if "tied" in spec else head["w"]) + head["b"]
+    tloss = torch.nn.functional.cross_entropy(logits.reshape(n * t, vocab), torch.tensor(np.asarray(y)).reshape(-1))
+    tloss.backward()
+    np.testing.assert_allclose(float(value), tloss.item(), rtol=1e-12)
+    g_leaves = jax.tree_util.tree_leaves(grads)
+    assert len(g_leaves) == len(tl)
+    for g, tg in zip(g_leaves, tl):
         np.testing.assert_allclose(g, tg.grad.numpy(), rtol=1e-9, atol=1e-12)
