@@ -31,7 +31,7 @@ Two things for users who compare their hand-derived gradients with autodiff:
   ================== ========================================================
   check_backward     hand backward vs ``jax.vjp`` (random cotangent), float64
                      and float32, eager and jitted; finite differences
-                     (float64, eager) when ``case.fd``
+                     (float64, in the jitted run) when ``case.fd``
   check_structure    forward and backward as two jitted functions (the cache
                      crosses a jit boundary, holds arrays only); y has
                      ``output_shape``; grads have params' structure, shapes,
@@ -104,8 +104,8 @@ class Case:
       x_fn: ``(key, shape, dtype) -> x``; default standard normal. Return
         integers for a layer that takes token ids (then ``dx`` must be None).
       rtol32: float32 tolerance, where the default (1e-4) is too tight.
-      fd: whether finite differences are meaningful (no kinks near x, no
-        eager scans that recompile per call).
+      fd: whether finite differences are meaningful (no kinks near x); they
+        run in the jitted float64 check, on a jitted objective.
       bad_shape: an input shape the layer must reject with a ValueError.
       nan: whether the NaN check applies (a NaN must reach y).
       eager: whether the un-jitted gradient check runs too (off for scans
@@ -408,15 +408,16 @@ def _check_dtypes(dtypes):
 
 def check_backward(case: Case, dtype=None, jit: bool = False, seed: int = 0):
     """The hand backward against ``jax.vjp`` of the forward (``check_layer``,
-    random cotangent); with finite differences in float64 when eager and
-    ``case.fd``. Returns a reason (and checks nothing) for an eager run of a
+    random cotangent); with finite differences in float64 when jitted and
+    ``case.fd`` (the objective they evaluate is jitted either way: running them
+    once per case, beside the jitted run every case has, keeps eager runs optional). Returns a reason (and checks nothing) for an eager run of a
     case with ``eager=False``."""
     dtype = _resolve_dtype(dtype)
     if not jit and not case.eager:
         return "eager run off for this case (case.eager=False); the jitted check covers it"
     layer, params, x, ctx = setup(case, dtype, seed)
     rtol = case.rtol32 if (dtype == jnp.float32 and case.rtol32) else None
-    fd = case.fd and dtype == jnp.float64 and not jit
+    fd = case.fd and dtype == jnp.float64 and jit
     with jax.default_matmul_precision("highest"):
         report = check_layer(layer, params, x, jit=jit, fd=fd, rtol=rtol, seed=seed, **ctx)
     if not report.ok:

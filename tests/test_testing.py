@@ -169,3 +169,22 @@ def test_testing_imports_without_pytest_and_runs_without_x64():
     env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("jit,fd", [(True, True), (False, False)])
+def test_finite_differences_run_in_the_jitted_float64_check(monkeypatch, jit, fd):
+    """Finite differences run once per case, in the jitted float64 check, so a case with
+    eager=False (gru, lstm, bidirectional) still gets them; they used to run only eagerly."""
+    seen = []
+    real = jt.check_layer
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["fd"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jt, "check_layer", spy)
+    case = next(c for c in jt.CASES if c.name == "gru_reverse_last_t1")
+    assert case.fd and case.eager
+    jt.check_backward(case, jnp.float64, jit=jit)
+    jt.check_backward(case, jnp.float32, jit=jit)
+    assert seen == [fd, False]
