@@ -37,8 +37,8 @@ Two things for users who compare their hand-derived gradients with autodiff:
                      ``output_shape``; grads have params' structure, shapes,
                      dtypes; dx has x's shape and dtype (``None`` for a
                      non-float input)
-  check_bridge       ``as_custom_vjp(layer)`` passes ``jax.test_util.check_vjp``
-                     and its VJP is the hand backward
+  check_bridge       ``as_custom_vjp(layer)`` under ``jax.vjp`` gives the
+                     forward's y, and its VJP is the hand backward
   check_bad_shape    ``case.bad_shape`` is a ``ValueError`` naming the layer and
                      the shape
   check_dy_shape     a dy of the wrong shape is a ``ValueError``
@@ -458,23 +458,33 @@ def check_structure(case: Case, dtype=None):
 
 
 def check_bridge(case: Case, dtype=None):
-    """``as_custom_vjp(layer)`` passes ``jax.test_util.check_vjp``, and its VJP
-    is the hand-written backward. Skipped for a non-float input."""
-    import jax.test_util
-
+    """``as_custom_vjp(layer)`` under ``jax.vjp`` (one jitted program) gives the
+    forward's y and, as its VJP, the hand-written backward's grads and dx.
+    (That backward equals ``jax.vjp`` of the forward by ``check_backward``, so
+    the bridge is right by the two checks together.) Skipped for a non-float input."""
     dtype = _resolve_dtype(dtype)
     layer, params, x, ctx, fwd, bwd, _ = _prepared(case, dtype)
     if not is_floating(x):
         return "the input is not floating point: no dx, no bridge check"
-    f = jax.jit(as_custom_vjp(layer, **ctx))
-    tol, eps = (1e-6, 1e-5) if dtype == jnp.float64 else (5e-2, 1e-2)
-    jax.test_util.check_vjp(f, lambda p, xx: jax.vjp(f, p, xx), (params, x), atol=tol, rtol=tol, eps=eps)
+    bridged = as_custom_vjp(layer, **ctx)
+
+    @jax.jit
+    def through_bridge(p, xx, d):
+        y, vjp = jax.vjp(bridged, p, xx)
+        return y, vjp(d)
+
     y, cache = fwd(params, x)
     dy = _cotangent(5, y)
-    g_bridge = jax.jit(lambda p, xx, d: jax.vjp(f, p, xx)[1](d))(params, x, dy)
+    y_bridge, g_bridge = through_bridge(params, x, dy)
     g_hand = bwd(cache, dy)
     rtol = 1e-12 if dtype == jnp.float64 else 1e-6
-    for a, b in zip(jax.tree_util.tree_leaves(g_bridge), jax.tree_util.tree_leaves(g_hand)):
+    np.testing.assert_allclose(y_bridge, y, rtol=rtol, atol=rtol * 1e-2 * float(jnp.max(jnp.abs(y)) + 1),
+                               err_msg=f"{case.name}: the bridge's forward is not the layer's forward")
+    h_leaves, b_leaves = jax.tree_util.tree_leaves(g_hand), jax.tree_util.tree_leaves(g_bridge)
+    if len(h_leaves) != len(b_leaves):
+        raise AssertionError(f"{case.name}: the bridge's VJP has {len(b_leaves)} leaves, the hand backward "
+                             f"{len(h_leaves)}")
+    for a, b in zip(b_leaves, h_leaves):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * 1e-2 * float(jnp.max(jnp.abs(b)) + 1),
                                    err_msg=f"{case.name}: the bridge's VJP is not the hand backward")
 

@@ -216,6 +216,18 @@ def test_integer_ids_through_the_bridge():
     np.testing.assert_allclose(g["w"], g_ref["w"], rtol=1e-12)
 
 
+def test_bridge_passes_jax_check_vjp():
+    """The custom_vjp bridge of a network is a correct VJP for jax's own checker (numerical
+    directional derivatives), in float64; the registry's check_bridge compares it with the hand
+    backward on every case."""
+    import jax.test_util
+
+    net = jp.serial(jp.dense(5), jp.tanh(), jp.layer_norm(), jp.dense(3))
+    params, x, _ = _setup(net)
+    f = jax.jit(jp.as_custom_vjp(net))
+    jax.test_util.check_vjp(f, lambda p, xx: jax.vjp(f, p, xx), (params, x), atol=1e-6, rtol=1e-6, eps=1e-5)
+
+
 def test_dx_none_from_a_later_layer_is_an_error():
     net = jp.serial(jp.dense(4), stop(), jp.dense(3))
     params, x, t = _setup(net)
