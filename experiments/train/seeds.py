@@ -63,7 +63,8 @@ def aggregate(name, options, runs, extra=()):
            "final_accuracy_mean": acc_mean, "final_accuracy_std": acc_std,
            "min_accuracy": min(r["final_accuracy"] for r in runs),
            "n_params": runs[0]["n_params"],
-           "cpu_s_mean": statistics.mean(r["cpu_s"] for r in runs if r["cpu_s"] is not None),
+           "cpu_s_mean": (statistics.mean(r["cpu_s"] for r in runs if r["cpu_s"] is not None)
+                          if any(r["cpu_s"] is not None for r in runs) else None),
            "wall_time_s_mean": statistics.mean(r["wall_time_s"] for r in runs),
            "runs": runs}
     if all("final_bpc" in r for r in runs):
@@ -87,7 +88,7 @@ def write(results_dir, name, res):
                      f"{100 * r['final_accuracy_std']:.2f} % | {100 * r['min_accuracy']:.2f} % | "
                      + (f"{r['final_bpc_mean']:.3f} +/- {r['final_bpc_std']:.3f} | " if bpc else "")
                      + f"{len(r['seeds'])} | {r['n_params']} | "
-                     f"{r['cpu_s_mean']:.0f} | {r['wall_time_s_mean']:.0f} | `{r['command']}` |")
+                     f"{'n/a' if r['cpu_s_mean'] is None else format(r['cpu_s_mean'], '.0f')} | {r['wall_time_s_mean']:.0f} | `{r['command']}` |")
     if bpc and "unigram_bpc" in rows[0]:
         lines.append("")
         lines.append(f"Add-one baselines on the same test positions: unigram {rows[0]['unigram_bpc']:.2f}, "
