@@ -13,6 +13,7 @@ from jaxprop.layers.embedding import embedding
 from jaxprop.runner import optimizers
 from jaxprop.runner.models import build_model
 from jaxprop.testing import assert_gradients_match
+from helpers import init_params
 
 V, T = 7, 6
 SIGNAL_SPECS = ["gru:6", "lstm:5-4", "rnn:5:relu", "gru:4:in=5x2"]
@@ -80,7 +81,7 @@ def test_bad_specs_are_value_errors(spec, kw, match):
 def test_gpt_initialisation_is_gpt2s():
     L, D = 4, 64
     for spec in (f"gpt:{L}-{D}-4", f"gpt:{L}-{D}-4:scan"):
-        _, p = build_model(spec, V, vocab_size=V, context=32).init(jax.random.key(1), (2, 32))
+        _, p = init_params(build_model(spec, V, vocab_size=V, context=32), jax.random.key(1), (2, 32))
         blocks = p[2:2 + L] if "scan" not in spec else [p[2]]
         std = lambda a: float(jnp.std(a))                                    # noqa: E731
         res = 0.02 / math.sqrt(2 * L)
@@ -157,7 +158,7 @@ def test_schedule_ends_at_end_lr():
 
 def test_weight_decay_on_matrices_only_and_clipping():
     net = build_model("gpt:1-8-2:tied", V, vocab_size=V, context=4)
-    _, params = net.init(jax.random.key(0), (2, 4))
+    _, params = init_params(net, jax.random.key(0), (2, 4))
     mask = optimizers.matrices(params)
     flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
     decayed = sorted(k for k, v in flat.items() if v)
@@ -167,7 +168,7 @@ def test_weight_decay_on_matrices_only_and_clipping():
     # zero gradients: AdamW's update is then the decay alone, -lr * wd * param, on the masked leaves
     tx = optimizers.make_optimizer(_cfg(schedule="constant", opt_args={"weight_decay": 0.1, "mask": "matrices"}))
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    updates, _ = tx.update(zeros, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
     for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
         p = params
         for k in path:
@@ -179,7 +180,7 @@ def test_weight_decay_on_matrices_only_and_clipping():
     # clipping: a huge gradient leaves SGD's step at lr * clip_norm in global norm
     sgd = optimizers.make_optimizer(_cfg(optimizer="sgd", schedule="constant", clip_norm=1.0))
     big = jax.tree_util.tree_map(lambda a: 1e3 * jnp.ones_like(a), params)
-    step, _ = sgd.update(big, sgd.init(params), params)
+    step, _ = jax.jit(sgd.update)(big, sgd.init(params), params)
     norm = math.sqrt(sum(float(jnp.sum(u ** 2)) for u in jax.tree_util.tree_leaves(step)))
     assert norm == pytest.approx(2e-2, rel=1e-5)
     with pytest.raises(ValueError, match="clip-norm"):
