@@ -442,7 +442,9 @@ def test_ctrl_c_in_fit_names_the_step_and_keeps_the_checkpoint(moons, reference,
 def test_ctrl_c_in_the_runner_prints_how_to_continue(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "experiments" / "train.py")] + ARGS
-    proc = subprocess.Popen(cmd + ["--steps", "1500", "--checkpoint-every", "100", "--out", str(out)],
+    # 6000 steps: the Ctrl-C must land mid-run; 1500 steps finished in 1.8 s once compiles got
+    # faster (820 steps/s), before the signal arrived
+    proc = subprocess.Popen(cmd + ["--steps", "6000", "--checkpoint-every", "100", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(ROOT))
     deadline = time.monotonic() + 120
     while not ckpt.list_steps(str(out / "checkpoints")) and proc.poll() is None and time.monotonic() < deadline:

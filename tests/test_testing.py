@@ -116,7 +116,18 @@ def test_run_case_reports_every_failed_check():
         jt.run_case(jt.Case("wrong_sign", lambda: scale(sign=-1.0), (4, 3)), dtypes=[jnp.float64], jit=False)
     msg = str(err.value)
     assert "wrong_sign: backward[float64-eager] FAILED" in msg and "looks like a wrong sign" in msg
-    assert "wrong_sign: bridge FAILED" in msg
+    assert "wrong_sign: nan FAILED" not in msg and "wrong_sign: bridge FAILED" not in msg   # the bridge is
+    # the hand backward (check_bridge); that this backward is wrong is check_backward's finding
+
+
+def test_check_bridge_catches_a_bridge_that_is_not_the_backward(monkeypatch):
+    """check_bridge fails when the custom_vjp bridge's VJP differs from the layer's backward."""
+    import jaxprop.bridge
+
+    real = jaxprop.bridge.as_custom_vjp
+    monkeypatch.setattr(jt, "as_custom_vjp", lambda layer, **ctx: real(scale(sign=-1.0), **ctx))
+    with pytest.raises(AssertionError, match="the bridge's VJP is not the hand backward"):
+        jt.check_bridge(jt.Case("scale", scale, (4, 3)), jnp.float64)
 
 
 def test_check_nan_catches_a_forward_that_hides_nan():
