@@ -17,17 +17,15 @@ steps of each variant, interleaved one step at a time in a rotating order; each 
 ratio of the variants' median step times; reported: the median ratio over rounds and its
 interquartile range (pairing within a round cancels the drift of a shared machine).
 
-    python experiments/bench/attention_memory.py            # ~2-3 min on 2 busy cores
-    python experiments/bench/attention_memory.py --rounds 21 --reps 3
+    python -m experiments.bench.attention_memory            # ~2-3 min on 2 busy cores
+    python -m experiments.bench.attention_memory --rounds 21 --reps 3
 
 Writes ``experiments/bench/results/attention_memory.{json,md}``.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 
@@ -129,16 +127,9 @@ def main(argv=None):
         "ratio_median": {n: statistics.median(v) for n, v in ratios.items()},
         "ratio_iqr": {n: quartiles(v) for n, v in ratios.items()},
         "max_rel_grad_diff_float32": grad_diff,
-        "machine": {"backend": jax.default_backend(), "devices": jax.device_count(), "cpus": os.cpu_count(),
-                    "load_avg_1m": os.getloadavg()[0], "jax": jax.__version__, "python": platform.python_version()},
+        "machine": bm.machine(),
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "attention_memory.json"), "w") as f:
-        json.dump(res, f, indent=2)
-    command = " ".join(["python experiments/bench/attention_memory.py"] + list(argv or []))
-    with open(os.path.join(args.out, "attention_memory.md"), "w") as f:
-        f.write(report(res, command))
-    print(report(res, command))
+    bm.write_results(args.out, "attention_memory", res, report, argv)
     return res
 
 

@@ -53,6 +53,7 @@ import csv
 import dataclasses
 import datetime
 import math
+import json
 import os
 import platform
 import statistics
@@ -874,6 +875,25 @@ def usable_cores():
 
 def _load():
     return ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def machine() -> dict:
+    """The machine record of a single-purpose benchmark's JSON results."""
+    return {"backend": jax.default_backend(), "devices": jax.device_count(), "cpus": os.cpu_count(),
+            "load_avg_1m": os.getloadavg()[0], "jax": jax.__version__, "python": platform.python_version()}
+
+
+def write_results(out, name, res, report, argv=None) -> str:
+    """``out/name.json`` (``res``) and ``out/name.md`` (``report(res, command)``, also printed),
+    the command being ``python -m experiments.bench.<name>`` with ``argv``; returns the report."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    text = report(res, " ".join([f"python -m experiments.bench.{name}"] + list(argv or [])))
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return text
 
 
 def environment(use_torch):

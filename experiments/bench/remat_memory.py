@@ -24,9 +24,7 @@ Writes ``experiments/bench/results/remat_memory.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 
@@ -102,17 +100,9 @@ def main(argv=None):
         "median_step_ms": {b: 1e3 * statistics.median(v) for b, v in med.items()},
         "time_ratio_median": statistics.median(ratios), "time_ratio_iqr": [q[0], q[2]],
         "loss_diff": abs(float(v_r) - float(v_p)), "max_rel_grad_diff_float32": grad_diff,
-        "machine": {"backend": jax.default_backend(), "devices": jax.device_count(), "cpus": os.cpu_count(),
-                    "load_avg_1m": os.getloadavg()[0], "jax": jax.__version__, "python": platform.python_version()},
+        "machine": bm.machine(),
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "remat_memory.json"), "w") as f:
-        json.dump(res, f, indent=2)
-    command = " ".join(["python -m experiments.bench.remat_memory"] + list(argv or []))
-    text = report(res, command)
-    with open(os.path.join(args.out, "remat_memory.md"), "w") as f:
-        f.write(text)
-    print(text)
+    bm.write_results(args.out, "remat_memory", res, report, argv)
     return res
 
 
