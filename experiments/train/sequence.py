@@ -40,6 +40,9 @@ EXPERIMENTS = {
     "gru_mnist1d_autodiff": f"{_MNIST1D} --model gru:128 --steps 2000 --grad autodiff",
     "lstm_mnist1d": f"{_MNIST1D} --model lstm:128 --steps 6000",
     "lstm_mnist1d_autodiff": f"{_MNIST1D} --model lstm:128 --steps 6000 --grad autodiff",
+    # the same with a cosine decay (chosen a priori: the constant-lr runs spike once the training loss is 0)
+    "lstm_mnist1d_cosine": (_MNIST1D.replace("--schedule constant", "--schedule cosine")
+                            + " --model lstm:128 --steps 6000"),
     "gru_shakespeare": f"{_TEXT} {_GRU_TEXT}",
     # lr 1e-2 (cosine to 1e-3), chosen on the training-sample loss of seed 0 among 2e-2 / 1e-2 / 5e-3:
     # at the 2e-2 the model sits on the bigram plateau (about 2.5 nats) until step ~500
