@@ -53,7 +53,7 @@ EXPERIMENTS = {
     "gru_shakespeare_long": f"{_text(3500)} {_GRU_TEXT}",
     "gpt_shakespeare_long": f"{_text(5000)} {_GPT_TEXT}",
 }
-for _name in ("gru_shakespeare", "gpt_shakespeare", "gpt_shakespeare_lr2e-2"):
+for _name in ("lstm_mnist1d_cosine", "gru_shakespeare", "gpt_shakespeare", "gpt_shakespeare_lr2e-2"):
     EXPERIMENTS[_name + "_autodiff"] = EXPERIMENTS[_name] + " --grad autodiff"
 
 
