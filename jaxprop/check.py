@@ -118,8 +118,30 @@ def _to64(tree):
     return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64) if is_floating(a) else a, tree)
 
 
-def _compare(title, objective, hand, params, x, *, fd, seed, rtol=None):
-    """Compare ``hand = (grads, dx)`` with jax.grad of ``objective(params, x)``."""
+def host_normal(key, shape, dtype):
+    """Standard normal draws of ``shape`` in ``dtype``, made on the host: NumPy's
+    generator seeded by the bits of the JAX ``key``. Deterministic in the key,
+    like ``jax.random.normal``, but with no XLA program per shape (the checks
+    draw inputs and cotangents of many shapes; each eager ``jax.random`` call
+    of a new shape compiles one, the slowest part of a small check)."""
+    return jnp.asarray(host_rng(key).standard_normal(tuple(shape)).astype(jnp.dtype(dtype)))
+
+
+def host_rng(key) -> np.random.Generator:
+    """A NumPy generator seeded by the bits of a JAX key (typed or raw uint32)."""
+    bits = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    return np.random.default_rng([int(b) for b in np.asarray(bits).ravel()])
+
+
+def max_abs(a) -> float:
+    """max |a| on the host (0 for an empty array)."""
+    a = np.asarray(a)
+    return float(np.max(np.abs(a))) if a.size else 0.0
+
+
+def _compare(title, objective, hand, params, x, *, fd, seed, rtol=None, ref=None):
+    """Compare ``hand = (grads, dx)`` with jax.grad of ``objective(params, x)``
+    (or with ``ref = (grads, dx)``, that gradient computed by the caller)."""
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params)) if jax.tree_util.tree_leaves(params) \
         else jnp.result_type(x)
     tol = rtol if rtol is not None else tolerance(dtype)
@@ -127,7 +149,8 @@ def _compare(title, objective, hand, params, x, *, fd, seed, rtol=None):
     check_dx(title, hand[1], x)
     x_is_float = is_floating(x)
     argnums = (0, 1) if x_is_float else (0,)
-    ref = jax.jit(jax.grad(objective, argnums=argnums))(params, x)   # jitted: one compile, not op by op
+    if ref is None:
+        ref = jax.jit(jax.grad(objective, argnums=argnums))(params, x)   # jitted: one compile, not op by op
     hand_tree = {"params": hand[0], "input": hand[1]} if x_is_float else {"params": hand[0]}
     ref_tree = {"params": ref[0], "input": ref[1]} if x_is_float else {"params": ref[0]}
     h_leaves = jax.tree_util.tree_flatten_with_path(hand_tree)[0]
@@ -135,7 +158,7 @@ def _compare(title, objective, hand, params, x, *, fd, seed, rtol=None):
     if len(h_leaves) != len(r_leaves) or [p for p, _ in h_leaves] != [p for p, _ in r_leaves]:
         raise ValueError(f"{title}: hand-written grads have structure "
                          f"{jax.tree_util.tree_structure(hand_tree)}, expected {r_def}")
-    global_max = max((float(jnp.max(jnp.abs(r))) for _, r in r_leaves if r.size), default=0.0)
+    global_max = max((max_abs(r) for _, r in r_leaves), default=0.0)   # on the host: no XLA program per shape
     fd_errs = _finite_differences(objective, hand_tree, params, x, x_is_float, seed) if fd else None
     rows = []
     for i, ((path, h), (_, r)) in enumerate(zip(h_leaves, r_leaves)):
@@ -172,9 +195,9 @@ def _finite_differences(objective, hand_tree, params, x, x_is_float, seed):
                 errs.append(0.0)
                 continue
             v = rng.standard_normal(leaf.shape)
-            h = 1e-6 * max(1.0, float(jnp.max(jnp.abs(leaf))))
-            plus = list(leaves); plus[i] = leaf + h * v
-            minus = list(leaves); minus[i] = leaf - h * v
+            h = 1e-6 * max(1.0, max_abs(leaf))
+            plus = list(leaves); plus[i] = np.asarray(leaf) + h * v
+            minus = list(leaves); minus[i] = np.asarray(leaf) - h * v
             fd = (float(obj(plus)) - float(obj(minus))) / (2 * h)
             an = float(np.vdot(np.asarray(hand_leaves[i], np.float64), v))
             # typical size of <g, v> for v ~ N(0, I) is ||g||: guards against cancellation
@@ -214,9 +237,9 @@ def check_gradients(net: Layer, loss: Loss, params, x, y, *, fd: bool = True,
 
 def default_cotangent(shape, dtype, seed: int = 0):
     """The random normal cotangent ``check_layer`` uses when ``dy`` is not given:
-    drawn from ``fold_in(key(seed), 0x6479)``, a key no user would pick for x."""
-    key = jax.random.fold_in(jax.random.key(seed), _COTANGENT_SALT)
-    return jax.random.normal(key, tuple(shape), dtype)
+    drawn (:func:`host_normal`) from ``fold_in(key(seed), 0x6479)``, a key no
+    user would pick for x."""
+    return host_normal(jax.random.fold_in(jax.random.key(seed), _COTANGENT_SALT), shape, dtype)
 
 
 def check_layer(layer: Layer, params, x, *, dy=None, fd: bool = True, rtol: Optional[float] = None,
@@ -238,9 +261,19 @@ def check_layer(layer: Layer, params, x, *, dy=None, fd: bool = True, rtol: Opti
         _, cache = call_forward(layer, p, xx, **ctx)
         return layer.backward(cache, d)
 
+    hand = (jax.jit(hand_fn) if jit else hand_fn)(params, x, dy)
+    return layer_report(layer, params, x, dy, hand, fd=fd, rtol=rtol, seed=seed, **ctx)
+
+
+def layer_report(layer: Layer, params, x, dy, hand, *, ref=None, fd: bool = True, rtol: Optional[float] = None,
+                 seed: int = 0, **ctx) -> GradientReport:
+    """:func:`check_layer`'s comparison of ``hand = layer.backward(cache, dy)``
+    (a ``(grads, dx)`` the caller computed, e.g. with its own compiled
+    forward and backward) with ``ref``, the VJP of the forward at dy (default:
+    ``jax.grad`` of ``<dy, forward(params, x)>``), and finite differences."""
     def objective(p, xx):
         out, _ = call_forward(layer, p, xx, **ctx)
         return jnp.vdot(jnp.asarray(dy, out.dtype), out)
 
-    hand = (jax.jit(hand_fn) if jit else hand_fn)(params, x, dy)
-    return _compare(f"check_layer: {layer.name}", objective, hand, params, x, fd=fd, seed=seed, rtol=rtol)
+    return _compare(f"check_layer: {layer.name}", objective, hand, params, x, fd=fd, seed=seed, rtol=rtol,
+                    ref=ref)

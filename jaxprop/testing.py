@@ -56,6 +56,7 @@ the gradient path) and imports no test framework (pytest is not needed).
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Callable, Optional, Union
 
 import jax
@@ -63,7 +64,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprop.bridge import as_custom_vjp
-from jaxprop.check import check_gradients, check_layer
+from jaxprop.check import (check_gradients, check_layer, default_cotangent, host_normal, host_rng, max_abs,
+                           layer_report)
 from jaxprop.core import (Layer, Loss, call_forward, cast_floating, default_float, init_state,
                           is_floating, needs_key, output_shape)
 from jaxprop.combinators import remat, repeat, residual, serial
@@ -128,19 +130,23 @@ class Case:
 
 
 def away_from_zero(key, shape, dtype):
-    """Inputs with |x| >= 0.1: finite differences never straddle a kink at 0."""
-    k1, k2 = jax.random.split(key)
-    mag = 0.1 + jax.random.uniform(k1, shape, dtype)
-    return jax.random.choice(k2, jnp.array([-1.0, 1.0], dtype), shape) * mag
+    """Inputs with |x| >= 0.1: finite differences never straddle a kink at 0
+    (drawn on the host from the key's bits, as :func:`jaxprop.check.host_normal`)."""
+    rng = host_rng(key)
+    mag = 0.1 + rng.uniform(size=tuple(shape))
+    return jnp.asarray((rng.choice(np.array([-1.0, 1.0]), size=tuple(shape)) * mag).astype(jnp.dtype(dtype)))
 
 
 def token_ids(vocab: int):
-    """An ``x_fn`` for layers that read token ids: integers in [0, vocab)."""
-    return lambda key, shape, dtype: jax.random.randint(key, shape, 0, vocab)
+    """An ``x_fn`` for layers that read token ids: integers in [0, vocab) (JAX's default int)."""
+    def draw(key, shape, dtype):
+        ids = host_rng(key).integers(0, vocab, size=tuple(shape))
+        return jnp.asarray(ids.astype(jax.dtypes.canonicalize_dtype(jnp.int64)))
+    return draw
 
 
 def _normal(key, shape, dtype):
-    return jax.random.normal(key, shape, dtype)
+    return host_normal(key, shape, dtype)
 
 
 def _float64_enabled() -> bool:
@@ -159,19 +165,51 @@ def setup(case: Case, dtype=None, seed: int = 0):
     """``(layer, params, x, ctx)`` for ``case``: params from ``layer.init(key(seed)...)``
     and floating state cast to ``dtype`` (default: float64 with x64 on, else
     float32), ``x = case.x_fn(key, case.in_shape, dtype)``; a stateful layer
-    without ``state`` in ``ctx`` gets ``init_state``."""
+    without ``state`` in ``ctx`` gets ``init_state``.
+
+    Built once per (case, dtype, seed) and kept: later calls return the same
+    layer and arrays (a fresh ``ctx`` dict), so do not donate them. ``init``
+    runs under one ``jax.jit`` (eagerly, each random draw of a new shape would
+    compile a program of its own)."""
     dtype = _resolve_dtype(dtype)
-    layer = case.make()
-    k_init, k_x = jax.random.split(jax.random.key(seed))
-    _, params = layer.init(k_init, tuple(case.in_shape))
-    params = cast_floating(params, dtype)
-    x = (case.x_fn or _normal)(k_x, tuple(case.in_shape), dtype)
-    ctx = dict(case.ctx() if callable(case.ctx) else case.ctx)
-    if "state" in ctx:
-        ctx["state"] = cast_floating(ctx["state"], dtype)
-    elif layer.stateful:
-        ctx["state"] = cast_floating(init_state(layer, case.in_shape), dtype)
-    return layer, params, x, ctx
+    made = _SETUPS.setdefault(case, {})
+    hit = made.get((dtype.name, seed))
+    if hit is None:
+        layer, raw, k_x = _initialized(case, seed)
+        params = _host_cast(raw, dtype)
+        x = (case.x_fn or _normal)(k_x, tuple(case.in_shape), dtype)
+        ctx = dict(case.ctx() if callable(case.ctx) else case.ctx)
+        if "state" in ctx:
+            ctx["state"] = cast_floating(ctx["state"], dtype)
+        elif layer.stateful:
+            ctx["state"] = cast_floating(init_state(layer, case.in_shape), dtype)
+        hit = made[(dtype.name, seed)] = (layer, params, x, ctx)
+    layer, params, x, ctx = hit
+    return layer, params, x, dict(ctx)
+
+
+_SETUPS = weakref.WeakKeyDictionary()      # case -> {(dtype, seed): setup}; case -> {("init", seed): ...}
+
+
+def _initialized(case, seed):
+    """``(layer, params as init made them, x's key)``, once per case and seed."""
+    made = _SETUPS.setdefault(case, {})
+    hit = made.get(("init", seed))
+    if hit is None:
+        layer = case.make()
+        k_init, k_x = jax.random.split(jax.random.key(seed))
+        in_shape = tuple(case.in_shape)
+        hit = made[("init", seed)] = (layer, jax.jit(lambda k: layer.init(k, in_shape)[1])(k_init), k_x)
+    return hit
+
+
+def _host_cast(tree, dtype):
+    """cast_floating on the host (no XLA program per leaf shape)."""
+    def cast(a):
+        if not is_floating(a) or jnp.result_type(a) == dtype:
+            return a
+        return jnp.asarray(np.asarray(a).astype(dtype))
+    return jax.tree_util.tree_map(cast, tree)
 
 
 # ------------------------------------------------------------------------------------ the registry
@@ -369,16 +407,17 @@ def assert_gradients_match(layer_or_net: Layer, loss: Optional[Loss] = None, *, 
 
 # ------------------------------------------------------------------------------------ the generic checks
 
-_COMPILED = {}
+_COMPILED = weakref.WeakKeyDictionary()     # case -> {(dtype, seed): prepared}
 
 
-def _prepared(case, dtype):
-    """setup(case, dtype) and the case's jitted forward, backward and jax.vjp reference,
-    built once per (case, dtype): the checks that share them compile once."""
-    key = (id(case), jnp.dtype(dtype).name)
-    hit = _COMPILED.get(key)
-    if hit is None or hit[0] is not case:
-        layer, params, x, ctx = setup(case, dtype)
+def _prepared(case, dtype, seed: int = 0):
+    """setup(case, dtype, seed) and the case's jitted forward, backward and
+    jax.vjp reference, built once per (case, dtype, seed): every check that
+    uses them compiles each once."""
+    made = _COMPILED.setdefault(case, {})
+    hit = made.get((jnp.dtype(dtype).name, seed))
+    if hit is None:
+        layer, params, x, ctx = setup(case, dtype, seed)
 
         def forward(p, xx):
             return call_forward(layer, p, xx, **ctx)
@@ -390,14 +429,14 @@ def _prepared(case, dtype):
             y, vjp = jax.vjp(lambda a: forward(a, xx)[0], p)
             return y, (vjp(dy)[0], None)
 
-        hit = (case, (layer, params, x, ctx, jax.jit(forward), jax.jit(layer.backward), jax.jit(reference)))
-        _COMPILED[key] = hit
-    return hit[1]
+        hit = made[(jnp.dtype(dtype).name, seed)] = (layer, params, x, ctx, jax.jit(forward),
+                                                     jax.jit(layer.backward), jax.jit(reference))
+    return hit
 
 
 def _cotangent(seed, y):
     # a key no user picks for x (jax.random.key(1) is the README's): fold in a constant
-    return jax.random.normal(jax.random.fold_in(jax.random.key(seed), 0x5EED), y.shape, y.dtype)
+    return host_normal(jax.random.fold_in(jax.random.key(seed), 0x5EED), y.shape, y.dtype)
 
 
 def _check_dtypes(dtypes):
@@ -407,19 +446,30 @@ def _check_dtypes(dtypes):
 
 
 def check_backward(case: Case, dtype=None, jit: bool = False, seed: int = 0):
-    """The hand backward against ``jax.vjp`` of the forward (``check_layer``,
+    """The hand backward against ``jax.vjp`` of the forward (as ``check_layer``,
     random cotangent); with finite differences in float64 when jitted and
     ``case.fd`` (the objective they evaluate is jitted either way: running them
-    once per case, beside the jitted run every case has, keeps eager runs optional). Returns a reason (and checks nothing) for an eager run of a
-    case with ``eager=False``."""
+    once per case, beside the jitted run every case has, keeps eager runs
+    optional). Jitted, the hand side is the case's compiled forward and
+    backward (two programs: the cache crosses a jit boundary); eager, it runs
+    op by op. The reference is the compiled ``jax.vjp`` either way, shared
+    with the other checks. Returns a reason (and checks nothing) for an eager
+    run of a case with ``eager=False``."""
     dtype = _resolve_dtype(dtype)
     if not jit and not case.eager:
         return "eager run off for this case (case.eager=False); the jitted check covers it"
-    layer, params, x, ctx = setup(case, dtype, seed)
     rtol = case.rtol32 if (dtype == jnp.float32 and case.rtol32) else None
     fd = case.fd and dtype == jnp.float64 and jit
     with jax.default_matmul_precision("highest"):
-        report = check_layer(layer, params, x, jit=jit, fd=fd, rtol=rtol, seed=seed, **ctx)
+        layer, params, x, ctx, fwd, bwd, ref = _prepared(case, dtype, seed)
+        y = jax.eval_shape(fwd, params, x)[0]
+        dy = default_cotangent(y.shape, y.dtype, seed)
+        if jit:
+            hand = bwd(fwd(params, x)[1], dy)
+        else:
+            hand = layer.backward(call_forward(layer, params, x, **ctx)[1], dy)
+        report = layer_report(layer, params, x, dy, hand, ref=ref(params, x, dy)[1], fd=fd, rtol=rtol,
+                              seed=seed, **ctx)
     if not report.ok:
         raise AssertionError(str(report))
     if report.dtype != dtype.name:
@@ -478,14 +528,14 @@ def check_bridge(case: Case, dtype=None):
     y_bridge, g_bridge = through_bridge(params, x, dy)
     g_hand = bwd(cache, dy)
     rtol = 1e-12 if dtype == jnp.float64 else 1e-6
-    np.testing.assert_allclose(y_bridge, y, rtol=rtol, atol=rtol * 1e-2 * float(jnp.max(jnp.abs(y)) + 1),
+    np.testing.assert_allclose(y_bridge, y, rtol=rtol, atol=rtol * 1e-2 * (max_abs(y) + 1),
                                err_msg=f"{case.name}: the bridge's forward is not the layer's forward")
     h_leaves, b_leaves = jax.tree_util.tree_leaves(g_hand), jax.tree_util.tree_leaves(g_bridge)
     if len(h_leaves) != len(b_leaves):
         raise AssertionError(f"{case.name}: the bridge's VJP has {len(b_leaves)} leaves, the hand backward "
                              f"{len(h_leaves)}")
     for a, b in zip(b_leaves, h_leaves):
-        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * 1e-2 * float(jnp.max(jnp.abs(b)) + 1),
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * 1e-2 * (max_abs(b) + 1),
                                    err_msg=f"{case.name}: the bridge's VJP is not the hand backward")
 
 
@@ -527,10 +577,11 @@ def check_dy_shape(case: Case, dtype=None):
 
 def _nan_input(x):
     """x with its whole first example NaN, and one element of the last example."""
-    flat = x.reshape(x.shape[0], -1).at[0].set(jnp.nan)
+    flat = np.array(x).reshape(x.shape[0], -1)          # on the host: no XLA program per shape
+    flat[0] = np.nan
     if x.shape[0] > 1:
-        flat = flat.at[-1, flat.shape[1] // 2].set(jnp.nan)
-    return flat.reshape(x.shape)
+        flat[-1, flat.shape[1] // 2] = np.nan
+    return jnp.asarray(flat.reshape(x.shape))
 
 
 def _same_nans(case, what, hand, ref):
@@ -559,7 +610,7 @@ def check_nan(case: Case, dtype=None, seed: int = 0):
         return "the input is not floating point: no NaN to put in"
     x = _nan_input(x)
     y, cache = fwd(params, x)
-    if not bool(jnp.any(jnp.isnan(y))):
+    if not np.isnan(np.asarray(y)).any():
         raise AssertionError(f"{case.name}: a NaN in the input (its first example) gives no NaN in the output: "
                              "the forward hides it (as a relu mapping NaN to 0 would)")
     dy = _cotangent(seed, y)

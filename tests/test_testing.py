@@ -187,15 +187,45 @@ def test_finite_differences_run_in_the_jitted_float64_check(monkeypatch, jit, fd
     """Finite differences run once per case, in the jitted float64 check, so a case with
     eager=False (gru, lstm, bidirectional) still gets them; they used to run only eagerly."""
     seen = []
-    real = jt.check_layer
+    real = jt.layer_report
 
     def spy(*args, **kwargs):
         seen.append(kwargs["fd"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(jt, "check_layer", spy)
+    monkeypatch.setattr(jt, "layer_report", spy)
     case = next(c for c in jt.CASES if c.name == "gru_reverse_last_t1")
     assert case.fd and case.eager
     jt.check_backward(case, jnp.float64, jit=jit)
     jt.check_backward(case, jnp.float32, jit=jit)
     assert seen == [fd, False]
+
+
+def test_host_draws_are_deterministic_in_the_key():
+    """The checks draw x and cotangents on the host from the key's bits (no XLA program per shape)."""
+    from jaxprop.check import host_normal
+    a = host_normal(jax.random.key(3), (4, 5), jnp.float32)
+    b = host_normal(jax.random.key(3), (4, 5), jnp.float32)
+    c = host_normal(jax.random.key(4), (4, 5), jnp.float32)
+    assert a.dtype == jnp.float32 and a.shape == (4, 5)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    np.testing.assert_array_equal(host_normal(jax.random.PRNGKey(3), (2,), jnp.float64),
+                                  host_normal(jax.random.key(3), (2,), jnp.float64))
+    ids = jt.token_ids(7)(jax.random.key(0), (3, 4), None)
+    assert ids.shape == (3, 4) and jnp.issubdtype(ids.dtype, jnp.integer) and int(ids.min()) >= 0 \
+        and int(ids.max()) < 7
+    x = jt.away_from_zero(jax.random.key(0), (50,), jnp.float32)
+    assert float(jnp.min(jnp.abs(x))) >= 0.1 and bool(jnp.any(x < 0)) and bool(jnp.any(x > 0))
+
+
+def test_setup_is_built_once_per_case_dtype_and_seed():
+    case = next(c for c in jt.CASES if c.name == "dense")
+    l1, p1, x1, c1 = jt.setup(case, jnp.float64)
+    l2, p2, x2, c2 = jt.setup(case, jnp.float64)
+    assert l1 is l2 and p1["w"] is p2["w"] and x1 is x2 and c1 is not c2
+    _, p32, x32, _ = jt.setup(case, jnp.float32)
+    assert p32["w"].dtype == jnp.float32 and x32.dtype == jnp.float32
+    np.testing.assert_array_equal(p32["w"], p1["w"].astype(jnp.float32))
+    _, p_other, _, _ = jt.setup(case, jnp.float64, seed=1)
+    assert not np.allclose(p_other["w"], p1["w"])
