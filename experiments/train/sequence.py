@@ -52,6 +52,11 @@ EXPERIMENTS = {
     # the longer runs (<= 15 minutes on 2 cores): the same models and recipes, more steps
     "gru_shakespeare_long": f"{_text(3500)} {_GRU_TEXT}",
     "gpt_shakespeare_long": f"{_text(5000)} {_GPT_TEXT}",
+    # twice the GRU's width (4x its step's work), as many steps as fit in 15 minutes on 2 cores (~5 steps/s);
+    # at the 256-wide GRU's lr 1e-2 it diverged (8.24 bpc at step 4000), so lr 3e-3 (cosine to 3e-4)
+    "gru512_shakespeare_long_lr1e-2": f"{_text(4000)} " + _GRU_TEXT.replace("gru:256", "gru:512"),
+    "gru512_shakespeare_long": f"{_text(4000)} " + _GRU_TEXT.replace("gru:256", "gru:512").replace(
+        "--lr 1e-2", "--lr 3e-3").replace("--end-lr 1e-3", "--end-lr 3e-4"),
 }
 for _name in ("lstm_mnist1d_cosine", "gru_shakespeare", "gpt_shakespeare", "gpt_shakespeare_lr2e-2"):
     EXPERIMENTS[_name + "_autodiff"] = EXPERIMENTS[_name] + " --grad autodiff"
