@@ -295,6 +295,8 @@ CASES = [
     # More (PyTorch equality, the no-T-by-T-array check): tests/test_attention.py, test_transformer.py.
     Case("attention", lambda: attention(2), (2, 5, 8), bad_shape=(2, 5, 6), fd=False),
     Case("attention_causal", lambda: attention(4, causal=True), (2, 6, 8), fd=False, eager=False),
+    Case("attention_causal_blocks", lambda: attention(2, causal=True, block_size=3), (2, 7, 8), fd=False,
+         eager=False),
     Case("attention_lse", lambda: attention(1, save="lse", block_size=4), (2, 7, 6), fd=False,
          eager=False),
     Case("attention_lse_causal", lambda: attention(3, causal=True, save="lse", block_size=4), (2, 10, 6),

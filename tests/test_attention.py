@@ -64,6 +64,27 @@ def test_lse_equals_probs_and_jax_grad(heads, t, block, causal):
     assert _max_rel(g_p, ref) <= 1e-9
 
 
+@pytest.mark.parametrize("t, block", [(7, 3), (8, 4), (5, 1)], ids=str)
+def test_causal_probs_by_query_blocks_equals_the_full_causal_softmax(t, block):
+    """save="probs", causal, T > block_size: rows [lo, hi) see keys [0, hi) only, P is cached as those
+    blocks (the part on and below the diagonal), and y and every gradient equal the full (T, T)
+    computation (block_size >= T) and jax.grad of it (float64)."""
+    blocked, full = attention(2, causal=True, block_size=block), attention(2, causal=True, block_size=t)
+    _, params = full.init(jax.random.key(0), (3, t, 4))
+    x = jax.random.normal(jax.random.key(1), (3, t, 4))
+    dy = jax.random.normal(jax.random.key(2), (3, t, 4))
+    y_b, g_b = _grads(blocked, params, x, dy)
+    y_f, g_f = _grads(full, params, x, dy)
+    ref = jax.grad(lambda p, xx: jnp.vdot(dy, full.forward(p, xx)[0]), argnums=(0, 1))(params, x)
+    assert _max_rel(y_b, y_f) <= 1e-13
+    assert _max_rel(g_b, g_f) <= 1e-12
+    assert _max_rel(g_b, ref) <= 1e-9
+    p_blocks = blocked.forward(params, x)[1]["p"]
+    his = [min(lo + block, t) for lo in range(0, t, block)]
+    assert [pb.shape for pb in p_blocks] == [(3, 2, hi - lo, hi) for lo, hi in zip(range(0, t, block), his)]
+    assert sum(pb.size for pb in p_blocks) < full.forward(params, x)[1]["p"].size
+
+
 def test_causal_mask_blocks_the_future():
     """Changing x at the last position changes no earlier output (and does change them without the mask)."""
     for save in ("probs", "lse"):
@@ -124,7 +145,8 @@ def test_lse_program_has_no_t_by_t_array():
     x = jax.random.normal(jax.random.key(1), (n, t, dim))
     dy = jax.random.normal(jax.random.key(2), (n, t, dim))
     for causal, save, expect in ((False, "lse", False), (True, "lse", False), (True, "probs", True)):
-        layer = attention(2, causal=causal, save=save, block_size=32)
+        # probs: block_size >= T, one (T, T) block (causal probs with T > block_size caches only blocks)
+        layer = attention(2, causal=causal, save=save, block_size=32 if save == "lse" else t)
         _, params = layer.init(jax.random.key(0), (n, t, dim))
         step = jax.jit(lambda p, xx, layer=layer: _grads(layer, p, xx, dy))
         jaxpr = jax.make_jaxpr(step)(params, x).jaxpr

@@ -36,7 +36,13 @@ Each row of dS sums to zero (sum_k P_ik dP_ik - Delta_i sum_k P_ik = 0), so
 dbk = sum_j dK_j = 0 up to rounding: bk shifts row i of S by a constant,
 which softmax ignores (a finite-difference check of dbk sees only noise).
 
-``save="probs"`` caches P (N, H, T, T) and runs the lines above.
+``save="probs"`` caches P (N, H, T, T) and runs the lines above. Causal with
+T > ``block_size``, it cuts the query rows into blocks of ``block_size``:
+rows [lo, hi) see keys [0, hi) only (P = 0 beyond, dS = 0 there), so block b
+runs the lines above on its P_b (N, H, hi - lo, hi), dQ's rows come from
+their block, and dK, dV of a key sum over the blocks that see it. With nb
+blocks that is (1 + 1/nb) / 2 of the (T, T) work and of P's memory
+(autodiff of the masked full forward computes every masked entry).
 
 ``save="lse"`` (the idea of FlashAttention, Dao et al. 2022, in plain
 ``jax.numpy``/``lax``) never forms a (T, T) array, forward or backward. The
@@ -125,6 +131,49 @@ def _probs_backward(q, k, v, o, p, do, scale):
     dq = _mm("nhij,nhjc->nhic", ds, k, dt) * scale            # forward was: S = Q K^T / sqrt(d)
     dk = _mm("nhij,nhic->nhjc", ds, q, dt) * scale            # forward was: S = Q K^T / sqrt(d)
     return dq.astype(dt), dk.astype(dt), dv.astype(dt)
+
+
+def _row_blocks(t, block_size):
+    """Query rows cut into blocks of ``block_size``: [(lo, hi)], the last one shorter."""
+    return [(lo, min(lo + block_size, t)) for lo in range(0, t, block_size)]
+
+
+def _causal_probs_forward(q, k, v, scale, block_size):
+    """Causal attention by query blocks: block [lo, hi) of the rows sees keys [0, hi) only (every
+    later key is masked, P = 0 there), so the (T, T) work and P shrink to the blocks on and below
+    the diagonal: about (1 + 1/nb) / 2 of it for nb blocks. Returns O and P as a tuple of blocks
+    P_b (N, H, hi - lo, hi)."""
+    outs, probs = [], []
+    for lo, hi in _row_blocks(q.shape[2], block_size):
+        o_b, p_b = _probs_forward_rows(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], scale, lo)
+        outs.append(o_b)
+        probs.append(p_b)
+    return jnp.concatenate(outs, axis=2), tuple(probs)
+
+
+def _probs_forward_rows(q_b, k_b, v_b, scale, lo):
+    """Rows lo.. of causal attention against keys [0, hi): _probs_forward with the mask j <= lo + r."""
+    dt = q_b.dtype
+    s = _scores(q_b, k_b, scale)
+    keep = jnp.arange(k_b.shape[2])[None, :] <= lo + jnp.arange(q_b.shape[2])[:, None]
+    s = jnp.where(keep[None, None], s, -jnp.inf)
+    e = jnp.exp(s - s.max(axis=-1, keepdims=True))
+    p = (e / e.sum(axis=-1, keepdims=True)).astype(dt)
+    return _mm("nhij,nhjc->nhic", p, v_b, dt).astype(dt), p
+
+
+def _causal_probs_backward(q, k, v, o, probs, do, scale, block_size):
+    """_probs_backward block by block (the lines of the module docstring on each P_b): dQ's rows
+    lo..hi come from block b alone; dK and dV of keys [0, hi) sum over the blocks that see them."""
+    t = q.shape[2]
+    dqs, dk, dv = [], jnp.zeros_like(k), jnp.zeros_like(v)
+    for (lo, hi), p_b in zip(_row_blocks(t, block_size), probs):
+        dq_b, dk_b, dv_b = _probs_backward(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], o[:, :, lo:hi], p_b,
+                                           do[:, :, lo:hi], scale)
+        dqs.append(dq_b)
+        pad = ((0, 0), (0, 0), (0, t - hi), (0, 0))                # keys hi.. are not seen by block b
+        dk, dv = dk + jnp.pad(dk_b, pad), dv + jnp.pad(dv_b, pad)
+    return jnp.concatenate(dqs, axis=2), dk, dv
 
 
 def _blocks(a, b, nb):
@@ -224,7 +273,9 @@ def attention(heads: int, *, causal: bool = False, save: str = "probs", block_si
       save: ``"probs"`` caches P (N, H, T, T); ``"lse"`` caches only the row
         log-sum-exp (N, H, T) and runs forward and backward over key blocks,
         so no (T, T) array ever exists (memory O(T block_size) per head).
-      block_size: key-block width for ``save="lse"`` (T need not be a multiple).
+      block_size: key-block width for ``save="lse"`` (T need not be a multiple);
+        for ``save="probs"`` with ``causal``, the height of the query blocks
+        (used when T > block_size; see the module docstring).
       dtype: parameter dtype (default: float64 under x64, else float32). For
         half-precision inputs (bfloat16, float16) the matmuls take the input
         dtype and accumulate in float32, and the scores, softmax statistics
@@ -273,7 +324,9 @@ def attention(heads: int, *, causal: bool = False, save: str = "probs", block_si
         q, k, v = (_heads(x @ params["w" + c] + _bias(params["b" + c], 3), heads) for c in "qkv")
         cache = {"x": x, "q": q, "k": k, "v": v,
                  "wq": wq, "wk": params["wk"], "wv": params["wv"], "wo": params["wo"]}
-        if save == "probs":
+        if save == "probs" and causal and x.shape[1] > block_size:
+            o, cache["p"] = _causal_probs_forward(q, k, v, scale, block_size)
+        elif save == "probs":
             o, cache["p"] = _probs_forward(q, k, v, causal, scale)
         else:
             o, cache["lse"] = _lse_forward(q, k, v, causal, scale, block_size)
@@ -291,7 +344,9 @@ def attention(heads: int, *, causal: bool = False, save: str = "probs", block_si
                  "bo": dy2.sum(axis=0)}
         do = _heads(dy @ cache["wo"].T, heads)                  # forward was: y = Oc @ Wo
         q, k, v, o = cache["q"], cache["k"], cache["v"], _heads(oc, heads)
-        if save == "probs":
+        if save == "probs" and isinstance(cache["p"], tuple):
+            dq, dk, dv = _causal_probs_backward(q, k, v, o, cache["p"], do, scale, block_size)
+        elif save == "probs":
             dq, dk, dv = _probs_backward(q, k, v, o, cache["p"], do, scale)
         else:
             dq, dk, dv = _lse_backward(q, k, v, o, cache["lse"], do, causal, scale, block_size)
