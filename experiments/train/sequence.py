@@ -57,6 +57,9 @@ EXPERIMENTS = {
     "gru512_shakespeare_long_lr1e-2": f"{_text(4000)} " + _GRU_TEXT.replace("gru:256", "gru:512"),
     "gru512_shakespeare_long": f"{_text(4000)} " + _GRU_TEXT.replace("gru:256", "gru:512").replace(
         "--lr 1e-2", "--lr 3e-3").replace("--end-lr 1e-3", "--end-lr 3e-4"),
+    # the same at lr 5e-3 (cosine to 5e-4), between the 3e-3 that trained and the 1e-2 that diverged
+    "gru512_shakespeare_long_lr5e-3": f"{_text(4000)} " + _GRU_TEXT.replace("gru:256", "gru:512").replace(
+        "--lr 1e-2", "--lr 5e-3").replace("--end-lr 1e-3", "--end-lr 5e-4"),
 }
 for _name in ("lstm_mnist1d_cosine", "gru_shakespeare", "gpt_shakespeare", "gpt_shakespeare_lr2e-2"):
     EXPERIMENTS[_name + "_autodiff"] = EXPERIMENTS[_name] + " --grad autodiff"
