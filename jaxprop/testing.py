@@ -188,18 +188,19 @@ def setup(case: Case, dtype=None, seed: int = 0):
     return layer, params, x, dict(ctx)
 
 
-_SETUPS = weakref.WeakKeyDictionary()      # case -> {(dtype, seed): setup}; case -> {("init", seed): ...}
+_SETUPS = weakref.WeakKeyDictionary()      # case -> {(dtype name, seed): (layer, params, x, ctx)}
+_INITS = weakref.WeakKeyDictionary()       # case -> {seed: (layer, params as init made them, x's key)}
 
 
 def _initialized(case, seed):
     """``(layer, params as init made them, x's key)``, once per case and seed."""
-    made = _SETUPS.setdefault(case, {})
-    hit = made.get(("init", seed))
+    made = _INITS.setdefault(case, {})
+    hit = made.get(seed)
     if hit is None:
         layer = case.make()
         k_init, k_x = jax.random.split(jax.random.key(seed))
         in_shape = tuple(case.in_shape)
-        hit = made[("init", seed)] = (layer, jax.jit(lambda k: layer.init(k, in_shape)[1])(k_init), k_x)
+        hit = made[seed] = (layer, jax.jit(lambda k: layer.init(k, in_shape)[1])(k_init), k_x)
     return hit
 
 

@@ -110,12 +110,13 @@ def _scores(q, k, scale):
     return _mm("nhic,nhjc->nhij", q, k, q.dtype) * scale
 
 
-def _probs_forward(q, k, v, causal, scale):
-    """Full softmax attention: returns O (N, H, T, d) and P (N, H, T, T)."""
-    t, dt = q.shape[2], q.dtype
+def _probs_forward(q, k, v, causal, scale, lo=0):
+    """Full softmax attention of the queries at positions lo, lo + 1, ... (all T rows by default)
+    against the keys 0, 1, ...: returns O (N, H, Tq, d) and P (N, H, Tq, Tk)."""
+    dt = q.dtype
     s = _scores(q, k, scale)
     if causal:
-        keep = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]        # (T, T): j <= i
+        keep = jnp.arange(k.shape[2])[None, :] <= lo + jnp.arange(q.shape[2])[:, None]   # (Tq, Tk): j <= i
         s = jnp.where(keep[None, None], s, -jnp.inf)
     e = jnp.exp(s - s.max(axis=-1, keepdims=True))
     p = (e / e.sum(axis=-1, keepdims=True)).astype(dt)
@@ -145,21 +146,10 @@ def _causal_probs_forward(q, k, v, scale, block_size):
     P_b (N, H, hi - lo, hi)."""
     outs, probs = [], []
     for lo, hi in _row_blocks(q.shape[2], block_size):
-        o_b, p_b = _probs_forward_rows(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], scale, lo)
+        o_b, p_b = _probs_forward(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], True, scale, lo)
         outs.append(o_b)
         probs.append(p_b)
     return jnp.concatenate(outs, axis=2), tuple(probs)
-
-
-def _probs_forward_rows(q_b, k_b, v_b, scale, lo):
-    """Rows lo.. of causal attention against keys [0, hi): _probs_forward with the mask j <= lo + r."""
-    dt = q_b.dtype
-    s = _scores(q_b, k_b, scale)
-    keep = jnp.arange(k_b.shape[2])[None, :] <= lo + jnp.arange(q_b.shape[2])[:, None]
-    s = jnp.where(keep[None, None], s, -jnp.inf)
-    e = jnp.exp(s - s.max(axis=-1, keepdims=True))
-    p = (e / e.sum(axis=-1, keepdims=True)).astype(dt)
-    return _mm("nhij,nhjc->nhic", p, v_b, dt).astype(dt), p
 
 
 def _causal_probs_backward(q, k, v, o, probs, do, scale, block_size):
@@ -312,6 +302,10 @@ def attention(heads: int, *, causal: bool = False, save: str = "probs", block_si
             params[b] = jnp.zeros((dim,), dt)
         return in_shape, params
 
+    def by_query_blocks(x):
+        """save="probs", causal, T > block_size: P by query blocks (module docstring)."""
+        return causal and x.shape[1] > block_size
+
     def forward(params, x):
         wq = params["wq"]
         dim = wq.shape[0]
@@ -324,7 +318,7 @@ def attention(heads: int, *, causal: bool = False, save: str = "probs", block_si
         q, k, v = (_heads(x @ params["w" + c] + _bias(params["b" + c], 3), heads) for c in "qkv")
         cache = {"x": x, "q": q, "k": k, "v": v,
                  "wq": wq, "wk": params["wk"], "wv": params["wv"], "wo": params["wo"]}
-        if save == "probs" and causal and x.shape[1] > block_size:
+        if save == "probs" and by_query_blocks(x):
             o, cache["p"] = _causal_probs_forward(q, k, v, scale, block_size)
         elif save == "probs":
             o, cache["p"] = _probs_forward(q, k, v, causal, scale)
@@ -344,7 +338,7 @@ def attention(heads: int, *, causal: bool = False, save: str = "probs", block_si
                  "bo": dy2.sum(axis=0)}
         do = _heads(dy @ cache["wo"].T, heads)                  # forward was: y = Oc @ Wo
         q, k, v, o = cache["q"], cache["k"], cache["v"], _heads(oc, heads)
-        if save == "probs" and isinstance(cache["p"], tuple):
+        if save == "probs" and by_query_blocks(x):
             dq, dk, dv = _causal_probs_backward(q, k, v, o, cache["p"], do, scale, block_size)
         elif save == "probs":
             dq, dk, dv = _probs_backward(q, k, v, o, cache["p"], do, scale)
