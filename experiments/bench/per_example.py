@@ -13,7 +13,8 @@ Contestants, each one jitted function:
 * ``grad``      -- ``jp.value_and_grad(net, loss)``: the plain (summed) hand-written gradient,
   no per-example work. Per-example norms need every layer's dY, so they run this backward sweep
   (less the summed dW) plus a per-layer rule: ``vmap norms / grad`` is the most any such method
-  can gain over ``jax.vmap(jax.grad)``, the ceiling for the targets below;
+  can gain over ``jax.vmap(jax.grad)`` without recomputing the forward, the ceiling for the
+  targets below;
 * ``norms``     -- ``jp.per_example_grad_norms(net, loss)``: each layer's norms rule (dense:
   ||x_n||^2 ||dy_n||^2, conv: Gram form or the per-example kernels, whichever is smaller);
 * ``vmap norms`` -- ``jax.vmap(jax.grad(l_n))`` of the same forward (one example at a time, as
@@ -192,7 +193,8 @@ def markdown(results, meta):
             lines.append(f"| {r['model']} | {k} | {m:.1f}x | {t['median']:.2f}x ({t['q1']:.2f}-{t['q3']:.2f}) | {target} |")
     lines += ["", "`vmap norms / grad` is the ceiling of `vmap norms / norms`: per-example norms need each "
               "layer's dY, so they run the plain backward sweep (less its summed dW) plus a per-layer rule; no "
-              "method that runs the backward can use less memory or time than `grad` itself.", ""]
+              "method that runs the backward without recomputing the forward can use less memory or time than `grad` "
+              "itself."]
     lines += ["", "Same numbers: " + "; ".join(
         f"{r['model']}: norms vs vmap rel. err {r['rel_err_norms_vs_vmap']:.1e}, DP step vs optax "
         f"{r['rel_err_dp_step_vs_optax']:.1e}" for r in results) + " (float32)."]
