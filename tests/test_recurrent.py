@@ -152,6 +152,55 @@ def test_scan_runs_any_cell(return_sequences, reverse):
     assert report.ok, str(report)
 
 
+def test_scan_sums_grads_after_the_sweep_when_the_cell_says_how():
+    """Cell.sum_grads: a cell whose step_backward returns dparams None and, as its dx_t, the
+    pre-activation gradient ds_t (an input projection outside the scan would take it from
+    there); dW = sum_t x_t^T ds_t and dU = sum_t h_{t-1}^T ds_t are then one product each
+    after the reverse scan. The parameter gradients equal jax.grad's."""
+    a, calls = 0.5, []
+    base = leaky_tanh_cell(4)
+
+    def step_backward(p, c, dh_new, dy_t):
+        dh_total = dh_new + 2 * c["h_new"] * dy_t
+        ds = a * dh_total * (1 - c["t"] ** 2)
+        return None, (1 - a) * dh_total + ds @ p["u"].T, ds
+
+    def sum_grads(p, caches, dss):
+        calls.append(dss.shape)
+        x2, h2, d2 = (v.reshape(-1, v.shape[-1]) for v in (caches["x"], caches["h"], dss))
+        return {"w": x2.T @ d2, "u": h2.T @ d2}
+
+    layer = scan(base._replace(step_backward=step_backward, sum_grads=sum_grads))
+    _, params = layer.init(jax.random.key(0), (3, 6, 2))
+    params = jax.tree_util.tree_map(lambda v: v.astype(jnp.float64), params)
+    x = jax.random.normal(jax.random.key(1), (3, 6, 2), jnp.float64)
+    dy = jax.random.normal(jax.random.key(2), (3, 6, 4), jnp.float64)
+    _, cache = layer.forward(params, x)
+    grads, _ = layer.backward(cache, dy)              # its dx is ds here, not dJ/dx: not compared
+    ref = jax.grad(lambda p: jnp.sum(layer.forward(p, x)[0] * dy))(params)
+    assert calls == [(6, 3, 4)]                       # once, with every step's ds stacked (T, N, H)
+    for k in ("w", "u"):
+        np.testing.assert_allclose(grads[k], ref[k], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("make, gates", [(lambda h: rnn(h), 1), (lambda h: gru(h), 3), (lambda h: lstm(h), 4)],
+                         ids=["rnn", "gru", "lstm"])
+def test_recurrent_weight_gradients_are_summed_outside_the_loop(make, gates):
+    """The reverse scan of BPTT carries dh only: dW_hh (H, G H) is one product after it
+    (Cell.sum_grads), not a running sum in the loop's carry as jax.grad's transposed scan keeps."""
+    n, t, d, h = 2, 5, 3, 6
+    layer = make(h)
+    _, params = layer.init(jax.random.key(0), (n, t, d))
+    x = jnp.ones((n, t, d))
+    _, cache = layer.forward(params, x)
+    jaxpr = jax.make_jaxpr(layer.backward)(cache, jnp.ones((n, t, h)))
+    scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    assert len(scans) == 1
+    carry = scans[0].params["jaxpr"].in_avals[scans[0].params["num_consts"]:][:scans[0].params["num_carry"]]
+    assert all(a.shape != (h, gates * h) for a in carry), [a.shape for a in carry]
+    assert all(a.shape == (n, h) for a in carry)        # dh (and an LSTM's dc), nothing else
+
+
 def test_scan_cache_keeps_weights_once():
     """Params are closed over by the forward scan, never stacked per step: the cache is the
     input, w_ih, the cell's params once, and 7 (T, N, H) arrays per LSTM step (h, c, i, f, g, o, tanh c)."""

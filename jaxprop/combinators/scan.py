@@ -28,7 +28,8 @@ once and reused by every earlier step (the dynamic programme)::
 A step's backward receives dh_t from step t+1 and dy_t (the cotangent of its
 own output) separately and combines them itself (for the recurrent layers
 y_t = h_t, so it simply adds them). The weight gradients are summed in the
-reverse scan's carry, so no per-step gradient is stored. With
+reverse scan's carry, so no per-step gradient is stored (or, for a cell with
+``sum_grads``, after the scan: below). With
 ``return_sequences=False`` only the last step's output is returned and only
 that step receives a nonzero dy_t.
 
@@ -44,6 +45,22 @@ Cell protocol (:class:`Cell`); writing a new recurrent cell means writing
 ``dtheta_t`` the structure of params. A cell that reads integer inputs may
 return ``dx_t = None`` (no gradient for non-float inputs).
 
+Summing after the sweep (optional, ``Cell.sum_grads``). Inside the reverse
+scan only dh must be sequential; dtheta_t is not needed by any earlier step.
+When each dtheta_t is a product of something the step cached and something
+its backward returns as dx_t (for a recurrent layer dW_hh = sum_t
+h_{t-1}^T ds_t, with ds_t = dx_t up to a cached gate), the sum over steps is
+one contraction over the stacked (T, ...) arrays after the scan::
+
+    dtheta = cell.sum_grads(params, caches, dxs)      caches, dxs stacked along time
+
+A cell that gives ``sum_grads`` returns ``dtheta_t = None`` from
+``step_backward``, and the reverse scan carries dh alone: T small products
+(N, H)^T (N, G H) and a (H, G H) running sum in the loop become one
+(H, T N) @ (T N, G H) product outside it, which is fewer passes over the
+weights' size and a shorter sequential chain. Autodiff of the forward scan
+accumulates inside the transposed loop; this is the identity it does not see.
+
 Layout: the layer is batch-first, x (N, T, ...) -> y (N, T, ...) (or the
 last step's output (N, ...)), transposed to time-major (T, N, ...) inside
 (``time_major=True``: x and y are (T, N, ...) already, no transposes).
@@ -52,7 +69,7 @@ outputs in input order; the backward then runs t = 1..T.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +87,9 @@ class Cell(NamedTuple):
       step_backward: ``(params, cache_t, dh_new, dy_t) -> (dparams, dh, dx_t)``.
       init_carry: ``(params, x_t) -> h_0``, the initial carry (a pytree).
       name: used in error messages.
+      sum_grads: optional ``(params, caches, dxs) -> dparams``, the parameter
+        gradient summed over all steps from the stacked caches and dx_t
+        (module docstring); with it ``step_backward`` returns ``dparams=None``.
     """
 
     init: Callable
@@ -77,6 +97,7 @@ class Cell(NamedTuple):
     step_backward: Callable
     init_carry: Callable
     name: str = "cell"
+    sum_grads: Optional[Callable] = None
 
 
 def _add(a, b):
@@ -157,7 +178,8 @@ def scan(cell: Cell, *, return_sequences: bool = True, reverse: bool = False, ti
         params = cache["params"]
         t_len = cache["time"].shape[1]
         dh_last = _zeros_from_tokens(cache["carry"])                  # nothing flows in after the last step
-        g0 = jax.tree_util.tree_map(jnp.zeros_like, params)
+        after = cell.sum_grads is not None                            # dtheta summed after the sweep
+        g0 = () if after else jax.tree_util.tree_map(jnp.zeros_like, params)
         if return_sequences:
             dys = jnp.moveaxis(dy, t_axis, 0)                         # (T, N, ...)
             dy_of = lambda t_or_dy: t_or_dy                           # noqa: E731
@@ -170,10 +192,12 @@ def scan(cell: Cell, *, return_sequences: bool = True, reverse: bool = False, ti
             dh, g = carry                                             # dh = dJ/dh_t from step t+1
             c, d = xs
             dp, dh, dx_t = cell.step_backward(params, c, dh, dy_of(d))
-            return (dh, _add(g, dp)), dx_t                            # dtheta = sum_t dtheta_t
+            return (dh, g if after else _add(g, dp)), dx_t            # dtheta = sum_t dtheta_t
 
         (_, grads), dxs = jax.lax.scan(step, (dh_last, g0), (cache["steps"], dys),
                                        reverse=not reverse, unroll=unroll)
+        if after:
+            grads = cell.sum_grads(params, cache["steps"], dxs)       # the same sum, one contraction
         return grads, (None if dxs is None else jnp.moveaxis(dxs, 0, t_axis))
 
     return Layer(init, forward, backward, name=name)

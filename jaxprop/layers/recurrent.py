@@ -28,11 +28,13 @@ Every layer is two parts:
 
 2. The recurrent cell, run by :func:`jaxprop.combinators.scan.scan` over a_1..a_T with
    params {w_hh, b_hh}: its step's forward and backward are below. The scan
-   carries dh_t = dy_t + (dJ/dh_t from step t+1) backwards and sums the
-   shared weights' gradients over steps (BPTT; see ``jaxprop/combinators/scan.py``)::
+   carries dh_t = dy_t + (dJ/dh_t from step t+1) backwards (BPTT; see
+   ``jaxprop/combinators/scan.py``); the shared weights' gradients are summed
+   over steps *after* it (``Cell.sum_grads``), from the stacked h_{t-1} and
+   ds_t^h, as one product instead of T small ones inside the loop::
 
-       dW_hh = sum_t h_{t-1}^T ds_t^h        (H, N) @ (N, G H)
-       db_hh = sum_t sum_n ds_t^h            (G H,)
+       dW_hh = sum_t h_{t-1}^T ds_t^h = H_prev^T dS^h     (H, T N) @ (T N, G H)
+       db_hh = sum_t sum_n ds_t^h                          (G H,)
 
    where ds_t^h is the gradient of the hidden half of the pre-activations
    h_{t-1} W_hh + b_hh (equal to da_t, except in the GRU's n gate).
@@ -67,11 +69,28 @@ def _hidden(params, h):
     return h @ params["w_hh"] + _row(params["b_hh"], 2)
 
 
-def _hidden_backward(params, h, ds_h):
-    """Backward of ``_hidden``: one step's contribution to dW_hh, db_hh and dh."""
-    grads = {"w_hh": h.T @ ds_h,                     # forward was: s^h = h @ w_hh + ...
-             "b_hh": ds_h.sum(axis=0)}               # forward was: s^h = ... + b_hh[None, :]
-    return grads, ds_h @ params["w_hh"].T            # (N, G H) @ (G H, H)
+def _hidden_backward(params, ds_h):
+    """Backward of ``_hidden`` to h, inside the reverse scan: dh = ds^h W_hh^T."""
+    return ds_h @ params["w_hh"].T                   # (N, G H) @ (G H, H)
+
+
+def _hidden_grads(h_prev, ds_h):
+    """Backward of ``_hidden`` to its weights, summed over all steps after the scan
+    (``Cell.sum_grads``): with H_prev (T, N, H) the stacked h_{t-1} and dS^h
+    (T, N, G H) the stacked ds_t^h::
+
+        dW_hh = sum_t h_{t-1}^T ds_t^h = H_prev^T dS^h     (H, T N) @ (T N, G H)
+        db_hh = sum_t sum_n ds_t^h                          (G H,)
+    """
+    h2 = h_prev.reshape(-1, h_prev.shape[-1])        # (T N, H)
+    d2 = ds_h.reshape(-1, ds_h.shape[-1])            # (T N, G H)
+    return {"w_hh": h2.T @ d2,                       # forward was: s^h = h @ w_hh + ...
+            "b_hh": d2.sum(axis=0)}                  # forward was: s^h = ... + b_hh[None, :]
+
+
+def _sum_grads_ds_is_da(params, caches, das):
+    """``sum_grads`` of the cells whose ds^h is da (rnn, lstm)."""
+    return _hidden_grads(caches["h"], das)
 
 
 def _zeros_state(hidden, n_carry):
@@ -113,17 +132,17 @@ def rnn_cell(hidden: int, activation: str = "tanh") -> Cell:
         return h_new, h_new, {"h": h, "h_new": h_new}
 
     def step_backward(params, cache, dh_new, dy_t):
-        h, h_new = cache["h"], cache["h_new"]
+        h_new = cache["h_new"]
         dh_total = dh_new + dy_t                     # h' feeds y_t and step t+1: paths sum
         if activation == "tanh":
             ds = dh_total * (1 - h_new * h_new)      # forward was: h' = tanh(s)
         else:
             ds = jnp.where(h_new > 0, dh_total, 0)   # forward was: h' = relu(s) (h' > 0 iff s > 0)
-        grads, dh = _hidden_backward(params, h, ds)  # forward was: s = a_t + h @ w_hh + b_hh
-        return grads, dh, ds
+        dh = _hidden_backward(params, ds)            # forward was: s = a_t + h @ w_hh + b_hh
+        return None, dh, ds                          # dW_hh, db_hh: after the scan (sum_grads)
 
     return Cell(_cell_init(hidden, 1), step_forward, step_backward, _zeros_state(hidden, 1),
-                name=f"rnn_cell({hidden}, {activation})")
+                name=f"rnn_cell({hidden}, {activation})", sum_grads=_sum_grads_ds_is_da)
 
 
 def gru_cell(hidden: int) -> Cell:
@@ -168,11 +187,15 @@ def gru_cell(hidden: int) -> Cell:
         dpz = dz * z * (1 - z)                       # forward was: z = sigma(a^z + s^z)
         da = jnp.concatenate([dpr, dpz, dpn], axis=1)
         ds_h = jnp.concatenate([dpr, dpz, dpn * r], axis=1)
-        grads, dh = _hidden_backward(params, h, ds_h)
-        return grads, dh + dh_total * z, da          # h reaches h' directly (z * h) and through s^h
+        dh = _hidden_backward(params, ds_h)
+        return None, dh + dh_total * z, da           # h reaches h' directly (z * h) and through s^h
+
+    def sum_grads(params, caches, das):              # ds^h from da: the n block scaled by r
+        ds_h = jnp.concatenate([das[..., :2 * H], das[..., 2 * H:] * caches["r"]], axis=-1)
+        return _hidden_grads(caches["h"], ds_h)
 
     return Cell(_cell_init(hidden, 3), step_forward, step_backward, _zeros_state(hidden, 1),
-                name=f"gru_cell({hidden})")
+                name=f"gru_cell({hidden})", sum_grads=sum_grads)
 
 
 def lstm_cell(hidden: int) -> Cell:
@@ -207,7 +230,7 @@ def lstm_cell(hidden: int) -> Cell:
 
     def step_backward(params, cache, dcarry, dy_t):
         dh_new, dc_new = dcarry
-        h, c, i, f, g, o, tc = (cache[k] for k in ("h", "c", "i", "f", "g", "o", "tc"))
+        c, i, f, g, o, tc = (cache[k] for k in ("c", "i", "f", "g", "o", "tc"))
         dh_total = dh_new + dy_t                     # h' feeds y_t and step t+1: paths sum
         do = dh_total * tc                           # forward was: h' = o * tanh(c')
         dc_total = dc_new + dh_total * o * (1 - tc * tc)
@@ -220,11 +243,11 @@ def lstm_cell(hidden: int) -> Cell:
                               dg * (1 - g * g),      # forward was: g = tanh(s^g)
                               do * o * (1 - o)],     # forward was: o = sigma(s^o)
                              axis=1)
-        grads, dh = _hidden_backward(params, h, ds)  # forward was: s = a_t + h @ w_hh + b_hh
-        return grads, (dh, dc), ds
+        dh = _hidden_backward(params, ds)            # forward was: s = a_t + h @ w_hh + b_hh
+        return None, (dh, dc), ds                    # dW_hh, db_hh: after the scan (sum_grads)
 
     return Cell(_cell_init(hidden, 4), step_forward, step_backward, _zeros_state(hidden, 2),
-                name=f"lstm_cell({hidden})")
+                name=f"lstm_cell({hidden})", sum_grads=_sum_grads_ds_is_da)
 
 
 def _recurrent(kind, hidden, cell, gates, return_sequences, reverse, name_extra=""):
