@@ -17,7 +17,7 @@ from helpers import init_params
 
 V, T = 7, 6
 SIGNAL_SPECS = ["gru:6", "lstm:5-4", "rnn:5:relu", "gru:4:in=5x2"]
-TEXT_SPECS = ["gru:6:emb=4", "lstm:5:emb=3", "rnn:4:tanh:emb=3", "gpt:2-8-2", "gpt:2-8-2:tied",
+TEXT_SPECS = ["gru:6:emb=4", "gru:6-5:emb=4:drop=0.3", "lstm:5:emb=3", "rnn:4:tanh:emb=3", "gpt:2-8-2", "gpt:2-8-2:tied",
               "gpt:2-8-4:tied:save=lse:remat", "gpt:2-8-2:scan:tied"]
 # jitted: the layers inside are checked eagerly by the registry (tests/test_layers.py); an eager scan
 # compiles on every call
@@ -52,6 +52,11 @@ def test_specs_are_what_they_say():
     assert build_model("gru:128", 10).name == "serial(reshape((-1, 1)), gru(128, return_sequences=False), dense(10))"
     assert build_model("gru:64-32:emb=16", V, vocab_size=V).name == \
         f"serial(embedding({V}, 16), gru(64), gru(32), dense({V}))"
+    assert build_model("gru:8-6:emb=4:drop=0.25", V, vocab_size=V).name == (
+        f"serial(embedding({V}, 4), dropout(0.25), gru(8), dropout(0.25), gru(6), dropout(0.25), dense({V}))")
+    assert build_model("lstm:8:drop=0.5", 3).name == \
+        "serial(reshape((-1, 1)), lstm(8, return_sequences=False), dropout(0.5), dense(3))"
+    assert "dropout" not in build_model("gru:8:emb=4:drop=0", V, vocab_size=V).name
     net = build_model("gpt:2-64-4:tied:save=lse", V, vocab_size=V, context=128)
     assert net.name == "gpt(2-64-4, tied, save=lse, ctx=128)"
     _, params = net.init(jax.random.key(0), (2, 128))
@@ -72,6 +77,7 @@ def test_specs_are_what_they_say():
     ("gru:8:in=5x2", dict(vocab_size=V), "in= is for signals"),
     ("gru", {}, "give the hidden size"),
     ("lstm:8-x", {}, "integers"),
+    ("gru:8:drop=1", {}, "drop= must be in"),
 ])
 def test_bad_specs_are_value_errors(spec, kw, match):
     with pytest.raises(ValueError, match=match):

@@ -10,6 +10,7 @@ and the builder parses ``ARGS`` itself::
     gru:128                      signals (N, L): reshape to (N, L, 1), gru(128), last state -> dense
     gru:256:emb=64               text (N, T) ids: embedding(V, 64), gru(256) every step -> dense(V)
     lstm:256, rnn:128:relu       the same with lstm / rnn cells; gru:256-256 stacks two
+    gru:512:emb=64:drop=0.1      dropout after the embedding and each recurrent layer
     gpt:2-64-4:tied              text: a GPT of 2 blocks, width 64, 4 heads (see :func:`gpt`)
 
 ``build_model(spec, n_outputs, vocab_size=None, context=None)`` returns a
@@ -214,12 +215,20 @@ def _recurrent_model(family: str, args: str, n_outputs: int, vocab_size: Optiona
     act = "tanh"
     if family == "rnn" and rest and "=" not in rest[0]:
         act, rest = rest[0], rest[1:]
-    opts = _options(family, rest, ("emb", "in"))
+    opts = _options(family, rest, ("emb", "in", "drop"))
+    rate = float(opts.get("drop", 0.0))
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"model {family}: drop= must be in [0, 1), got {rate}")
+
+    def dropped(layer):                          # dropout after the layer when drop= > 0
+        return [layer, dropout(rate)] if rate > 0 else [layer]
+
     if vocab_size:                               # text: ids -> embedding -> cells (every step) -> dense(V)
         if "in" in opts:
             raise ValueError(f"model {family}: in= is for signals; a text data set feeds token ids")
-        layers = [embedding(vocab_size, int(opts.get("emb", 64)))]
-        layers += [make_cell(h, act, True) for h in hidden]
+        layers = dropped(embedding(vocab_size, int(opts.get("emb", 64))))
+        for h in hidden:
+            layers += dropped(make_cell(h, act, True))
     else:                                        # signals (N, L[, F]) -> (N, T, F) -> cells -> last state
         if "emb" in opts:
             raise ValueError(f"model {family}: emb= needs a text data set (token ids); this one has "
@@ -231,13 +240,14 @@ def _recurrent_model(family: str, args: str, n_outputs: int, vocab_size: Optiona
         if len(in_shape) != 2:
             raise ValueError(f"model {family}: in= must give (time, features), got {in_shape}")
         layers = [reshape.reshape(in_shape)]
-        layers += [make_cell(h, act, i + 1 < len(hidden)) for i, h in enumerate(hidden)]
+        for i, h in enumerate(hidden):
+            layers += dropped(make_cell(h, act, i + 1 < len(hidden)))
     layers.append(dense(n_outputs, w_init="glorot"))
     return serial(*layers)
 
 
 def gru(args: str, n_outputs: int, vocab_size: Optional[int] = None) -> Layer:
-    """``gru:H[-H2...][:emb=E][:in=TxF]``: GRU layers of H (H2, ...) units, then ``dense(n_outputs)``.
+    """``gru:H[-H2...][:emb=E][:in=TxF][:drop=R]``: GRU layers of H (H2, ...) units, then ``dense(n_outputs)``.
 
     * Signals (real inputs (N, L), e.g. MNIST-1D): reshaped to (N, T, F)
       (``in=TxF``, default ``-1x1``: L steps of one feature), the layers run
@@ -246,19 +256,22 @@ def gru(args: str, n_outputs: int, vocab_size: Optional[int] = None) -> Layer:
     * Text (``vocab_size`` V given: token ids (N, T)): ``embedding(V, E)``
       (``emb=E``, default 64), every layer returns every step (N, T, H), and
       ``dense(V)`` gives the next-character logits at each position.
+    * ``drop=R``: dropout of rate R after the embedding (text) and after each
+      recurrent layer (Zaremba et al. 2014: between layers, never on the
+      recurrent state), so in training only; default 0, none.
     """
     return _recurrent_model("gru", args, n_outputs, vocab_size,
                             lambda h, act, seq: gru_layer(h, return_sequences=seq))
 
 
 def lstm(args: str, n_outputs: int, vocab_size: Optional[int] = None) -> Layer:
-    """``lstm:H[-H2...][:emb=E][:in=TxF]``: as :func:`gru` with LSTM layers."""
+    """``lstm:H[-H2...][:emb=E][:in=TxF][:drop=R]``: as :func:`gru` with LSTM layers."""
     return _recurrent_model("lstm", args, n_outputs, vocab_size,
                             lambda h, act, seq: lstm_layer(h, return_sequences=seq))
 
 
 def rnn(args: str, n_outputs: int, vocab_size: Optional[int] = None) -> Layer:
-    """``rnn:H[-H2...][:tanh|relu][:emb=E][:in=TxF]``: as :func:`gru` with
+    """``rnn:H[-H2...][:tanh|relu][:emb=E][:in=TxF][:drop=R]``: as :func:`gru` with
     Elman RNN layers (activation tanh by default)."""
     return _recurrent_model("rnn", args, n_outputs, vocab_size,
                             lambda h, act, seq: rnn_layer(h, activation=act, return_sequences=seq))
