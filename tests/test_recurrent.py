@@ -183,22 +183,43 @@ def test_scan_sums_grads_after_the_sweep_when_the_cell_says_how():
         np.testing.assert_allclose(grads[k], ref[k], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("make, gates", [(lambda h: rnn(h), 1), (lambda h: gru(h), 3), (lambda h: lstm(h), 4)],
-                         ids=["rnn", "gru", "lstm"])
-def test_recurrent_weight_gradients_are_summed_outside_the_loop(make, gates):
-    """The reverse scan of BPTT carries dh only: dW_hh (H, G H) is one product after it
-    (Cell.sum_grads), not a running sum in the loop's carry as jax.grad's transposed scan keeps."""
-    n, t, d, h = 2, 5, 3, 6
-    layer = make(h)
+RECURRENT = [pytest.param(lambda h, **kw: rnn(h, **kw), 1, id="rnn"),
+             pytest.param(lambda h, **kw: gru(h, **kw), 3, id="gru"),
+             pytest.param(lambda h, **kw: lstm(h, **kw), 4, id="lstm")]
+
+
+def _backward_carry(layer, n, t, d, h):
     _, params = layer.init(jax.random.key(0), (n, t, d))
-    x = jnp.ones((n, t, d))
-    _, cache = layer.forward(params, x)
+    _, cache = layer.forward(params, jnp.ones((n, t, d)))
     jaxpr = jax.make_jaxpr(layer.backward)(cache, jnp.ones((n, t, h)))
     scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
     assert len(scans) == 1
-    carry = scans[0].params["jaxpr"].in_avals[scans[0].params["num_consts"]:][:scans[0].params["num_carry"]]
-    assert all(a.shape != (h, gates * h) for a in carry), [a.shape for a in carry]
-    assert all(a.shape == (n, h) for a in carry)        # dh (and an LSTM's dc), nothing else
+    return [a.shape for a in scans[0].params["jaxpr"].in_avals[scans[0].params["num_consts"]:]
+            [:scans[0].params["num_carry"]]]
+
+
+@pytest.mark.parametrize("make, gates", RECURRENT)
+def test_small_batches_sum_the_weight_gradients_outside_the_loop(make, gates):
+    """For a small batch (N < 64) the reverse scan of BPTT carries dh only: dW_hh (H, G H) is one
+    product after it (Cell.sum_grads), not a running sum in the loop's carry as jax.grad's
+    transposed scan keeps. From N = 64 on the same rule runs inside the loop."""
+    t, d, h = 5, 3, 6
+    assert _backward_carry(make(h), 2, t, d, h) == [(2, h)] * (2 if gates == 4 else 1)   # dh (and dc)
+    assert (h, gates * h) in _backward_carry(make(h), 64, t, d, h)
+
+
+@pytest.mark.parametrize("make, gates", RECURRENT)
+def test_weight_gradients_summed_in_the_loop_match_autodiff(make, gates, monkeypatch):
+    """The other placement of the cell's sum_grads rule (what N >= 64 gets), checked on a small case."""
+    scan_module = __import__("sys").modules[scan.__module__]
+    monkeypatch.setattr(scan_module, "SUM_AFTER_BELOW_BATCH", 0)
+    layer = make(4)
+    assert (4, gates * 4) in _backward_carry(layer, 2, 5, 3, 4)
+    _, params = layer.init(jax.random.key(0), (2, 5, 3))
+    params = jax.tree_util.tree_map(lambda v: v.astype(jnp.float64), params)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 3), jnp.float64)
+    report = jp.check_layer(layer, params, x, jit=True, fd=False)
+    assert report.ok, str(report)
 
 
 def test_scan_cache_keeps_weights_once():

@@ -12,6 +12,12 @@ temporaries (the scan's stacked caches live there) and the total with arguments 
 
     python -m experiments.bench.rnn_bptt                        # gru(128), about a minute
     python -m experiments.bench.rnn_bptt --cell lstm --hidden 128
+    python -m experiments.bench.rnn_bptt --hidden 512 --batch-size 32 --length 128 --features 64 --tag lm
+
+``--sum-ab`` adds a paired A/B of the two placements of the cell's weight-gradient rule
+(``Cell.sum_grads``, ``jaxprop/combinators/scan.py``): summed after the reverse sweep against
+inside its loop, both hand-written, reported as ``ratio_sum_after_over_in_loop``; the default
+placement (after when N < 64) is what the hand contestant runs.
 
 Writes ``experiments/bench/results/rnn_bptt-<cell><hidden>[-TAG].json`` and prints the figures.
 """
@@ -21,6 +27,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import jax
@@ -31,6 +38,8 @@ import optax
 import jaxprop as jp
 from jaxprop import autodiff
 from jaxprop.layers.recurrent import gru, lstm, rnn
+
+scan_module = sys.modules["jaxprop.combinators.scan"]     # the package re-exports the function scan
 
 CELLS = {"gru": gru, "lstm": lstm, "rnn": rnn}
 
@@ -53,6 +62,8 @@ def main(argv=None):
     ap.add_argument("--features", type=int, default=1)
     ap.add_argument("--pairs", type=int, default=60, help="timed (hand, autodiff) pairs")
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--sum-ab", action="store_true",
+                    help="also time the weight-gradient sum after the sweep against in the loop")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
@@ -79,6 +90,17 @@ def main(argv=None):
         compiled[name] = step.lower(params, opt_state, x, y).compile()
         report[f"compile_s_{name}"] = round(time.perf_counter() - t0, 3)
         report[f"memory_{name}"] = _memory(compiled[name])
+    report["sum_after_sweep_by_default"] = args.batch_size < scan_module.SUM_AFTER_BELOW_BATCH
+    if args.sum_ab:                        # the same hand step traced with each placement of sum_grads
+        default = scan_module.SUM_AFTER_BELOW_BATCH
+        for name, below in (("sum_after", 10 ** 9), ("sum_in_loop", 0)):
+            scan_module.SUM_AFTER_BELOW_BATCH = below
+            try:                           # a new step function: jit would reuse the first trace
+                step = jp.train.make_train_step(jp.value_and_grad(net, loss), tx, donate=False)
+                compiled[name] = step.lower(params, opt_state, x, y).compile()
+            finally:
+                scan_module.SUM_AFTER_BELOW_BATCH = default
+            report[f"memory_{name}"] = _memory(compiled[name])
 
     # same numbers first: the two steps are the same update
     out = {n: c(params, opt_state, x, y) for n, c in compiled.items()}
@@ -92,20 +114,26 @@ def main(argv=None):
         jax.block_until_ready(compiled[name](params, opt_state, x, y))
         return time.perf_counter() - t0
 
-    for _ in range(args.warmup):
-        timed("hand"), timed("autodiff")
-    times, ratios = {"hand": [], "autodiff": []}, []
-    for i in range(args.pairs):
-        order = ("hand", "autodiff") if i % 2 == 0 else ("autodiff", "hand")
-        t = {n: timed(n) for n in order}
-        for n in t:
-            times[n].append(t[n])
-        ratios.append(t["hand"] / t["autodiff"])
+    def paired(a, b):
+        for _ in range(args.warmup):
+            timed(a), timed(b)
+        times, ratios = {a: [], b: []}, []
+        for i in range(args.pairs):
+            order = (a, b) if i % 2 == 0 else (b, a)
+            t = {n: timed(n) for n in order}
+            for n in t:
+                times[n].append(t[n])
+            ratios.append(t[a] / t[b])
+        q = np.quantile(ratios, [0.25, 0.75])
+        return times, round(statistics.median(ratios), 4), [round(float(q[0]), 4), round(float(q[1]), 4)]
+
+    times, report["ratio_hand_over_autodiff_median"], report["ratio_iqr"] = paired("hand", "autodiff")
+    if args.sum_ab:
+        ab_times, report["ratio_sum_after_over_in_loop"], report["ratio_sum_after_over_in_loop_iqr"] = \
+            paired("sum_after", "sum_in_loop")
+        times.update(ab_times)
     for n, ts in times.items():
         report[f"step_ms_{n}"] = round(1e3 * statistics.median(ts), 3)
-    report["ratio_hand_over_autodiff_median"] = round(statistics.median(ratios), 4)
-    q = np.quantile(ratios, [0.25, 0.75])
-    report["ratio_iqr"] = [round(float(q[0]), 4), round(float(q[1]), 4)]
     report["pairs"] = args.pairs
     for n in ("hand", "autodiff"):
         m = report[f"memory_{n}"]

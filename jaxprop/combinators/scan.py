@@ -49,23 +49,25 @@ Summing after the sweep (optional, ``Cell.sum_grads``). Inside the reverse
 scan only dh must be sequential; dtheta_t is not needed by any earlier step.
 When each dtheta_t is a product of something the step cached and something
 its backward returns as dx_t (for a recurrent layer dW_hh = sum_t
-h_{t-1}^T ds_t, with ds_t = dx_t up to a cached gate), the sum over steps is
-one contraction over the stacked (T, ...) arrays after the scan::
+h_{t-1}^T ds_t, with ds_t = dx_t up to a cached gate), a cell can give that
+rule as ``sum_grads(params, caches, dxs)``, written over leading axes so that
+it applies to one step's (N, ...) arrays or to all steps' stacked (T, N, ...)
+ones. Its ``step_backward`` then returns ``dtheta_t = None`` and the scan
+places the sum::
 
-    dtheta = cell.sum_grads(params, caches, dxs)      caches, dxs stacked along time
+    after the sweep:  dtheta = cell.sum_grads(params, caches, dxs)         one contraction over T N rows
+    in the loop:      dtheta = sum_t cell.sum_grads(params, cache_t, dx_t)  a running sum in the carry
 
-A cell that gives ``sum_grads`` returns ``dtheta_t = None`` from
-``step_backward``, and the reverse scan carries dh alone: T small products
-(N, H)^T (N, G H) and a (H, G H) running sum in the loop become one
-(H, T N) @ (T N, G H) product outside it, which is fewer passes over the
-weights' size and a shorter sequential chain. Autodiff of the forward scan
-accumulates inside the transposed loop; this is the identity it does not see.
-
-Layout: the layer is batch-first, x (N, T, ...) -> y (N, T, ...) (or the
-last step's output (N, ...)), transposed to time-major (T, N, ...) inside
-(``time_major=True``: x and y are (T, N, ...) already, no transposes).
-``reverse=True`` runs t = T..1 (the scan's ``reverse``) and still returns the
-outputs in input order; the backward then runs t = 1..T.
+After the sweep, the reverse scan carries dh alone: T small products
+(N, H)^T (N, G H) and an (H, G H) running sum become one (H, T N) @ (T N, G H)
+product outside the loop (autodiff of the forward scan always accumulates
+inside the transposed loop). That pays when the running sum's traffic, H G H
+per step, is large against the step's N H G H products, i.e. for small
+batches: measured on 2 CPU cores (training step, paired, same process;
+``python -m experiments.bench.rnn_bptt --sum-ab``), after / in the loop was
+0.85 for lstm(512) and 0.91 for gru(512) at N = 32, T = 128, but 1.16 for
+gru(128) at N = 100, T = 40 (lstm(128) there: 1.00). ``scan(..., sum_after=None)`` (the default) therefore sums
+after the sweep when N < 64 and in the loop otherwise; True / False force it.
 """
 from __future__ import annotations
 
@@ -88,8 +90,9 @@ class Cell(NamedTuple):
       init_carry: ``(params, x_t) -> h_0``, the initial carry (a pytree).
       name: used in error messages.
       sum_grads: optional ``(params, caches, dxs) -> dparams``, the parameter
-        gradient summed over all steps from the stacked caches and dx_t
-        (module docstring); with it ``step_backward`` returns ``dparams=None``.
+        gradient from caches and dx_t, over leading axes: of one step, or
+        summed over all steps when given them stacked (module docstring);
+        with it ``step_backward`` returns ``dparams=None``.
     """
 
     init: Callable
@@ -108,8 +111,13 @@ def _zeros_from_tokens(tokens):
     return jax.tree_util.tree_map(lambda tok: jnp.zeros(token_shape(tok), tok.dtype), tokens)
 
 
+#: ``scan(sum_after=None)``: a cell's ``sum_grads`` runs after the sweep when the batch N is below this
+#: (module docstring: measured on CPU), else in the loop.
+SUM_AFTER_BELOW_BATCH = 64
+
+
 def scan(cell: Cell, *, return_sequences: bool = True, reverse: bool = False, time_major: bool = False,
-         unroll: int = 1, name: str = None) -> Layer:
+         unroll: int = 1, sum_after: Optional[bool] = None, name: str = None) -> Layer:
     r"""The layer that runs ``cell`` over the time axis of a batch-first input.
 
     Shapes: x (N, T, ...); y (N, T, ...) with ``return_sequences=True``, else
@@ -125,6 +133,10 @@ def scan(cell: Cell, *, return_sequences: bool = True, reverse: bool = False, ti
       time_major: x, y, dy and dx are (T, N, ...) instead of batch-first:
         no transposes (for a caller that produces its input time-major).
       unroll: passed to both ``lax.scan`` calls.
+      sum_after: for a cell with ``sum_grads``: sum the parameter gradients
+        after the reverse sweep (True) or in its loop (False); default None:
+        after when the batch N < ``SUM_AFTER_BELOW_BATCH`` (64). The same
+        numbers up to rounding either way.
       name: the layer's name (default ``scan(<cell name>)``).
 
     The cache holds params once, each step's cache stacked along time (T, ...),
@@ -178,7 +190,9 @@ def scan(cell: Cell, *, return_sequences: bool = True, reverse: bool = False, ti
         params = cache["params"]
         t_len = cache["time"].shape[1]
         dh_last = _zeros_from_tokens(cache["carry"])                  # nothing flows in after the last step
-        after = cell.sum_grads is not None                            # dtheta summed after the sweep
+        rule = cell.sum_grads
+        n = token_shape(jax.tree_util.tree_leaves(cache["carry"])[0])[0]
+        after = rule is not None and (n < SUM_AFTER_BELOW_BATCH if sum_after is None else sum_after)
         g0 = () if after else jax.tree_util.tree_map(jnp.zeros_like, params)
         if return_sequences:
             dys = jnp.moveaxis(dy, t_axis, 0)                         # (T, N, ...)
@@ -192,7 +206,11 @@ def scan(cell: Cell, *, return_sequences: bool = True, reverse: bool = False, ti
             dh, g = carry                                             # dh = dJ/dh_t from step t+1
             c, d = xs
             dp, dh, dx_t = cell.step_backward(params, c, dh, dy_of(d))
-            return (dh, g if after else _add(g, dp)), dx_t            # dtheta = sum_t dtheta_t
+            if after:
+                return (dh, g), dx_t
+            if rule is not None:                                      # the cell's rule, one step at a time
+                dp = rule(params, c, dx_t)
+            return (dh, _add(g, dp)), dx_t                            # dtheta = sum_t dtheta_t
 
         (_, grads), dxs = jax.lax.scan(step, (dh_last, g0), (cache["steps"], dys),
                                        reverse=not reverse, unroll=unroll)

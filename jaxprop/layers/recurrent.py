@@ -29,9 +29,11 @@ Every layer is two parts:
 2. The recurrent cell, run by :func:`jaxprop.combinators.scan.scan` over a_1..a_T with
    params {w_hh, b_hh}: its step's forward and backward are below. The scan
    carries dh_t = dy_t + (dJ/dh_t from step t+1) backwards (BPTT; see
-   ``jaxprop/combinators/scan.py``); the shared weights' gradients are summed
-   over steps *after* it (``Cell.sum_grads``), from the stacked h_{t-1} and
-   ds_t^h, as one product instead of T small ones inside the loop::
+   ``jaxprop/combinators/scan.py``); the shared weights' gradients are one
+   rule (``Cell.sum_grads``) that the scan applies *after* the sweep to the
+   stacked h_{t-1} and ds_t^h, one product instead of T small ones and a
+   running sum inside the loop (for batches N < 64, where that measured
+   faster), or step by step in the loop otherwise::
 
        dW_hh = sum_t h_{t-1}^T ds_t^h = H_prev^T dS^h     (H, T N) @ (T N, G H)
        db_hh = sum_t sum_n ds_t^h                          (G H,)
@@ -75,9 +77,9 @@ def _hidden_backward(params, ds_h):
 
 
 def _hidden_grads(h_prev, ds_h):
-    """Backward of ``_hidden`` to its weights, summed over all steps after the scan
-    (``Cell.sum_grads``): with H_prev (T, N, H) the stacked h_{t-1} and dS^h
-    (T, N, G H) the stacked ds_t^h::
+    """Backward of ``_hidden`` to its weights (``Cell.sum_grads``), over leading
+    axes: one step's (N, ...) or, after the scan, with H_prev (T, N, H) the
+    stacked h_{t-1} and dS^h (T, N, G H) the stacked ds_t^h::
 
         dW_hh = sum_t h_{t-1}^T ds_t^h = H_prev^T dS^h     (H, T N) @ (T N, G H)
         db_hh = sum_t sum_n ds_t^h                          (G H,)
