@@ -91,7 +91,7 @@ def write(results_dir, name, res):
                      f"{'n/a' if r['cpu_s_mean'] is None else format(r['cpu_s_mean'], '.0f')} | {r['wall_time_s_mean']:.0f} | `{r['command']}` |")
     if bpc and "unigram_bpc" in rows[0]:
         lines.append("")
-        lines.append(f"Add-one baselines on the same test positions: unigram {rows[0]['unigram_bpc']:.2f}, "
+        lines.append(f"Add-one baselines on the same {rows[0].get('eval_set', 'test')} positions: unigram {rows[0]['unigram_bpc']:.2f}, "
                      f"bigram {rows[0].get('bigram_bpc', float('nan')):.2f}, "
                      f"trigram {rows[0].get('trigram_bpc', float('nan')):.2f} bits per character.")
     with open(os.path.join(results_dir, f"{name}.md"), "w") as f:
