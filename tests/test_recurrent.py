@@ -10,7 +10,7 @@ from jaxprop import autodiff
 from jaxprop.combinators import serial
 from jaxprop.layers.dense import dense
 from jaxprop.layers.embedding import embedding
-from jaxprop.layers.recurrent import bidirectional, gru, lstm, rnn
+from jaxprop.layers.recurrent import bidirectional, gru, gru_cell, lstm, rnn
 from jaxprop.losses import softmax_cross_entropy
 from jaxprop.combinators.scan import Cell, scan
 from jaxprop.testing import CASES as REGISTRY, Case, setup
@@ -206,6 +206,22 @@ def test_small_batches_sum_the_weight_gradients_outside_the_loop(make, gates):
     t, d, h = 5, 3, 6
     assert _backward_carry(make(h), 2, t, d, h) == [(2, h)] * (2 if gates == 4 else 1)   # dh (and dc)
     assert (h, gates * h) in _backward_carry(make(h), 64, t, d, h)
+
+
+def test_scan_sum_after_forces_the_placement():
+    """scan(cell, sum_after=True / False) overrides the batch-size default either way."""
+    t, h = 5, 4
+
+    def carry(sum_after, n):
+        layer = scan(gru_cell(h), sum_after=sum_after)
+        _, params = layer.init(jax.random.key(0), (n, t, 3 * h))
+        _, cache = layer.forward(params, jnp.ones((n, t, 3 * h)))
+        eqn = [e for e in jax.make_jaxpr(layer.backward)(cache, jnp.ones((n, t, h))).eqns
+               if e.primitive.name == "scan"][0]
+        return [a.shape for a in eqn.params["jaxpr"].in_avals[eqn.params["num_consts"]:][:eqn.params["num_carry"]]]
+
+    assert (h, 3 * h) in carry(False, 2) and (h, 3 * h) not in carry(None, 2)
+    assert (h, 3 * h) not in carry(True, 64) and (h, 3 * h) in carry(None, 64)
 
 
 @pytest.mark.parametrize("make, gates", RECURRENT)

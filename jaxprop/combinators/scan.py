@@ -191,8 +191,9 @@ def scan(cell: Cell, *, return_sequences: bool = True, reverse: bool = False, ti
         t_len = cache["time"].shape[1]
         dh_last = _zeros_from_tokens(cache["carry"])                  # nothing flows in after the last step
         rule = cell.sum_grads
-        n = token_shape(jax.tree_util.tree_leaves(cache["carry"])[0])[0]
-        after = rule is not None and (n < SUM_AFTER_BELOW_BATCH if sum_after is None else sum_after)
+        after = rule is not None and (sum_after if sum_after is not None else      # N: the carry's batch axis
+                                      token_shape(jax.tree_util.tree_leaves(cache["carry"])[0])[0]
+                                      < SUM_AFTER_BELOW_BATCH)
         g0 = () if after else jax.tree_util.tree_map(jnp.zeros_like, params)
         if return_sequences:
             dys = jnp.moveaxis(dy, t_axis, 0)                         # (T, N, ...)
