@@ -17,8 +17,8 @@ from helpers import init_params
 
 V, T = 7, 6
 SIGNAL_SPECS = ["gru:6", "lstm:5-4", "rnn:5:relu", "gru:4:in=5x2"]
-TEXT_SPECS = ["gru:6:emb=4", "gru:6-5:emb=4:drop=0.3", "lstm:5:emb=3", "rnn:4:tanh:emb=3", "gpt:2-8-2", "gpt:2-8-2:tied",
-              "gpt:2-8-4:tied:save=lse:remat", "gpt:2-8-2:scan:tied"]
+TEXT_SPECS = ["gru:6:emb=4", "gru:6-5:emb=4:drop=0.3", "lstm:5:emb=3", "rnn:4:tanh:emb=3", "gpt:2-8-2",
+              "gpt:2-8-2:tied", "gpt:2-8-4:tied:save=lse:remat", "gpt:2-8-2:scan:tied"]
 # jitted: the layers inside are checked eagerly by the registry (tests/test_layers.py); an eager scan
 # compiles on every call
 DTYPES = [pytest.param(jnp.float64, True, id="float64-jit"), pytest.param(jnp.float32, True, id="float32-jit")]

@@ -1,4 +1,6 @@
 """Recurrent layers and the scan machinery: BPTT by hand against jax.grad and PyTorch."""
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -183,9 +185,7 @@ def test_scan_sums_grads_after_the_sweep_when_the_cell_says_how():
         np.testing.assert_allclose(grads[k], ref[k], rtol=1e-10, atol=1e-12)
 
 
-RECURRENT = [pytest.param(lambda h, **kw: rnn(h, **kw), 1, id="rnn"),
-             pytest.param(lambda h, **kw: gru(h, **kw), 3, id="gru"),
-             pytest.param(lambda h, **kw: lstm(h, **kw), 4, id="lstm")]
+RECURRENT = [pytest.param(rnn, 1, id="rnn"), pytest.param(gru, 3, id="gru"), pytest.param(lstm, 4, id="lstm")]
 
 
 def _backward_carry(layer, n, t, d, h):
@@ -212,13 +212,8 @@ def test_scan_sum_after_forces_the_placement():
     """scan(cell, sum_after=True / False) overrides the batch-size default either way."""
     t, h = 5, 4
 
-    def carry(sum_after, n):
-        layer = scan(gru_cell(h), sum_after=sum_after)
-        _, params = layer.init(jax.random.key(0), (n, t, 3 * h))
-        _, cache = layer.forward(params, jnp.ones((n, t, 3 * h)))
-        eqn = [e for e in jax.make_jaxpr(layer.backward)(cache, jnp.ones((n, t, h))).eqns
-               if e.primitive.name == "scan"][0]
-        return [a.shape for a in eqn.params["jaxpr"].in_avals[eqn.params["num_consts"]:][:eqn.params["num_carry"]]]
+    def carry(sum_after, n):                          # the cell alone reads a_t (N, 3H)
+        return _backward_carry(scan(gru_cell(h), sum_after=sum_after), n, t, 3 * h, h)
 
     assert (h, 3 * h) in carry(False, 2) and (h, 3 * h) not in carry(None, 2)
     assert (h, 3 * h) not in carry(True, 64) and (h, 3 * h) in carry(None, 64)
@@ -227,8 +222,7 @@ def test_scan_sum_after_forces_the_placement():
 @pytest.mark.parametrize("make, gates", RECURRENT)
 def test_weight_gradients_summed_in_the_loop_match_autodiff(make, gates, monkeypatch):
     """The other placement of the cell's sum_grads rule (what N >= 64 gets), checked on a small case."""
-    scan_module = __import__("sys").modules[scan.__module__]
-    monkeypatch.setattr(scan_module, "SUM_AFTER_BELOW_BATCH", 0)
+    monkeypatch.setattr(sys.modules[scan.__module__], "SUM_AFTER_BELOW_BATCH", 0)
     layer = make(4)
     assert (4, gates * 4) in _backward_carry(layer, 2, 5, 3, 4)
     _, params = layer.init(jax.random.key(0), (2, 5, 3))

@@ -90,7 +90,6 @@ def main(argv=None):
         compiled[name] = step.lower(params, opt_state, x, y).compile()
         report[f"compile_s_{name}"] = round(time.perf_counter() - t0, 3)
         report[f"memory_{name}"] = _memory(compiled[name])
-    report["sum_after_sweep_by_default"] = args.batch_size < scan_module.SUM_AFTER_BELOW_BATCH
     if args.sum_ab:                        # the same hand step traced with each placement of sum_grads
         default = scan_module.SUM_AFTER_BELOW_BATCH
         for name, below in (("sum_after", 10 ** 9), ("sum_in_loop", 0)):

@@ -66,8 +66,15 @@ per step, is large against the step's N H G H products, i.e. for small
 batches: measured on 2 CPU cores (training step, paired, same process;
 ``python -m experiments.bench.rnn_bptt --sum-ab``), after / in the loop was
 0.85 for lstm(512) and 0.91 for gru(512) at N = 32, T = 128, but 1.16 for
-gru(128) at N = 100, T = 40 (lstm(128) there: 1.00). ``scan(..., sum_after=None)`` (the default) therefore sums
-after the sweep when N < 64 and in the loop otherwise; True / False force it.
+gru(128) at N = 100, T = 40 (lstm(128) there: 1.00). ``scan(...,
+sum_after=None)`` (the default) therefore sums after the sweep when N < 64
+and in the loop otherwise; True / False force it.
+
+Layout: the layer is batch-first, x (N, T, ...) -> y (N, T, ...) (or the
+last step's output (N, ...)), transposed to time-major (T, N, ...) inside
+(``time_major=True``: x and y are (T, N, ...) already, no transposes).
+``reverse=True`` runs t = T..1 (the scan's ``reverse``) and still returns the
+outputs in input order; the backward then runs t = 1..T.
 """
 from __future__ import annotations
 
