@@ -118,26 +118,62 @@ def test_registry_float32_jit(case):
     _check_case(case, jnp.float32, True, 1e-4)
 
 
-# ---------------------------------------------------------------- both branches of the norms rules
+# ---------------------------------------------------------------- every branch of the norms rules
 
 NORM_BRANCHES = [
     # dense: T = 1 (||x||^2 ||dy||^2), Gram (2 T^2 <= I O), direct (2 T^2 > I O)
-    ("dense_2d", lambda: jp.dense(6), (5, 4)),
-    ("dense_gram", lambda: jp.dense(6), (3, 3, 5)),
-    ("dense_direct", lambda: jp.dense(2), (3, 7, 2)),
-    # conv: Gram when 3 G P^2 < C/G F, else the per-example kernels tap by tap
-    ("conv1d_gram", lambda: jp.conv1d(16, 3), (3, 3, 6)),                       # P = 3: 27 < 96
-    ("conv1d_gram_groups_dilation", lambda: jp.conv1d(32, 2, stride=2, dilation=2, groups=2, padding="VALID"),
-     (2, 7, 12)),                                                               # P = 3: 54 < 192
-    ("conv1d_direct_circular", lambda: jp.conv1d(3, 3, padding="CIRCULAR"), (2, 11, 2)),
-    ("conv2d_gram", lambda: jp.conv2d(16, (2, 2), stride=2), (2, 2, 4, 4)),     # P = 2: 12 < 64
-    ("conv2d_direct", lambda: jp.conv2d(2, 3, bias=False), (2, 6, 5, 1)),
+    ("dense_2d", lambda: jp.dense(6), (5, 4), None),
+    ("dense_gram", lambda: jp.dense(6), (3, 3, 5), None),
+    ("dense_direct", lambda: jp.dense(2), (3, 7, 2), None),
+    # conv: the form conv._norms_form picks (fewest multiply-adds among those whose temporaries fit
+    # in the per-example kernel's size; the taps unrolled when T C/G <= P, else a scan over them)
+    ("conv1d_tap_gram", lambda: jp.conv1d(16, 3), (3, 3, 6), "tap gram"),
+    ("conv1d_tap_gram_groups_dilation", lambda: jp.conv1d(32, 2, stride=2, dilation=2, groups=2, padding="VALID"),
+     (2, 7, 12), "tap gram"),
+    ("conv1d_shifted_gram", lambda: jp.conv1d(16, 5), (3, 8, 8), "shifted gram"),
+    ("conv1d_taps_unrolled_circular", lambda: jp.conv1d(3, 3, padding="CIRCULAR"), (2, 11, 2), "taps unrolled"),
+    ("conv1d_taps_scan", lambda: jp.conv1d(4, 3), (2, 10, 8), "taps"),
+    ("conv2d_tap_gram", lambda: jp.conv2d(16, (2, 2), stride=2), (2, 2, 4, 4), "tap gram"),
+    ("conv2d_taps_unrolled", lambda: jp.conv2d(2, 3, bias=False), (2, 6, 5, 1), "taps unrolled"),
 ]
 
 
-@pytest.mark.parametrize("name,make,shape", NORM_BRANCHES, ids=[b[0] for b in NORM_BRANCHES])
-def test_norm_branches(name, make, shape):
+@pytest.mark.parametrize("name,make,shape,form", NORM_BRANCHES, ids=[b[0] for b in NORM_BRANCHES])
+def test_norm_branches(name, make, shape, form, monkeypatch):
+    from jaxprop.layers import conv
+    picked = []
+    choose = conv._norms_form
+    monkeypatch.setattr(conv, "_norms_form", lambda *a: picked.append(choose(*a)) or picked[-1])
     _check_case(jp.testing.Case(name, make, shape), jnp.float64, True, 1e-9)
+    assert picked == ([form] if form else []), f"{name}: the rule took {picked}, the case is meant for {form}"
+
+
+FORCED = [  # every form on the awkward geometries, whatever the rule would pick there
+    ("stride_dilation_valid", lambda: jp.conv1d(6, 3, stride=2, dilation=2, padding="VALID"), (3, 13, 4)),
+    ("stride_groups_uneven_pads", lambda: jp.conv1d(6, 4, stride=3, groups=2, padding=(1, 2)), (2, 10, 4)),
+    ("conv2d_stride_groups", lambda: jp.conv2d(4, (3, 2), stride=(2, 1), groups=2), (2, 7, 5, 4)),
+    ("conv2d_circular_dilation", lambda: jp.conv2d(4, 3, padding="CIRCULAR", dilation=(1, 2)), (2, 6, 7, 2)),
+]
+
+
+@pytest.mark.parametrize("form", ["taps", "taps unrolled", "tap gram", "shifted gram"])
+@pytest.mark.parametrize("name,make,shape", FORCED, ids=[f[0] for f in FORCED])
+def test_conv_norm_forms_forced(name, make, shape, form, monkeypatch):
+    from jaxprop.layers import conv
+    monkeypatch.setattr(conv, "_norms_form", lambda *a: form)
+    _check_case(jp.testing.Case(name, make, shape), jnp.float64, True, 1e-9)
+
+
+def test_conv_norm_forms_on_the_mnist1d_cnn():
+    """The choice measured in experiments/bench/per_example.py: on the MNIST-1D CNN's shapes (P = 40,
+    K = 5, 'same' padding, 32 channels) the deep layers take the shifted Gram, the first (C = 1) the unrolled taps."""
+    from jaxprop.layers import conv
+    assert conv._norms_form(5, 40, 44, 1, 32, 32) == "shifted gram"
+    assert conv._norms_form(5, 40, 44, 1, 1, 32) == "taps unrolled"
+    # a 2-D layer on 28 x 28 positions: the (784 x 784) Grams are larger than the kernel, and the
+    # (9, 32, 64) kernels smaller than dY (784, 64), so the taps, unrolled
+    assert conv._norms_form(9, 784, 900, 1, 32, 64) == "taps unrolled"
+    assert conv._norms_form(9, 49, 81, 1, 64, 64) == "shifted gram"     # its 7 x 7 deep layer
 
 
 def test_per_example_forward_literal():

@@ -16,7 +16,8 @@ Contestants, each one jitted function:
   can gain over ``jax.vmap(jax.grad)`` without recomputing the forward, the ceiling for the
   targets below;
 * ``norms``     -- ``jp.per_example_grad_norms(net, loss)``: each layer's norms rule (dense:
-  ||x_n||^2 ||dy_n||^2, conv: Gram form or the per-example kernels, whichever is smaller);
+  ||x_n||^2 ||dy_n||^2, conv: the taps' kernels, the tap Gram or the shifted Gram, by
+  ``jaxprop.layers.conv._norms_form``);
 * ``vmap norms`` -- ``jax.vmap(jax.grad(l_n))`` of the same forward (one example at a time, as
   one writes it in JAX; ``jaxprop.autodiff``), then the global norm of each example's gradient;
 * ``dp step``   -- ``jp.dp_value_and_grad`` (norms sweep + one reweighted backward, no

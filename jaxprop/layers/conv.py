@@ -45,18 +45,32 @@ over n dropped, computed tap by tap: with V_k (N, P, C) the input entries
 xp[n, oS + kD, :] that tap k meets at the P output positions (a strided
 slice, no patch matrix), dW_n[k] = V_k[n]^T dY_n per group, a batched matmul
 ((N, C/G, F) per tap; (N, K, C/G, F) stacked); db_n = sum_o dY[n, o, :].
-Its squared norm sums the taps' squares one tap at a time, or, without any
-kernel-sized array, takes the Gram form of Li et al. (2022) over the P
-output positions: with U_n (P, K C_g) the patches of group g (row o:
-xp[n, oS + kD, g C_g + i] over k, i)::
+Its squared norm takes one of three forms, all exact:
 
-    ||dW_n||^2 = sum_g <U_ng U_ng^T, dY_ng dY_ng^T>_F,    U U^T = sum_k V_k V_k^T
+* taps: the squares of each tap's (N, C/G, F) slice summed, as a ``lax.scan``
+  over the T taps (one slice alive at a time), or unrolled when the whole
+  kernel (N, T, C/G, F) is no larger than dY (T C/G <= P: a thin input such as
+  a first layer on one channel, where the scan's per-step cost dominates);
+* tap Gram, the Gram form of Li et al. (2022) over the P output positions,
+  without any kernel-sized array: with U_n (P, T C_g) the patches of group g
+  (row o: xp[n, oS + kD, g C_g + i] over k, i)::
 
-(V_k per group). Both run as a ``lax.scan`` over the K taps, so one tap's
-V_k and its (C/G, F) slice (or P x P term) are alive at a time; the rule
-takes the Gram form when its temporaries, 3 G P^2 numbers per example,
-are fewer than the C/G F of one tap's slice -- deep layers with few
-positions and many channels (measured in experiments/bench/per_example.py).
+      ||dW_n||^2 = sum_g <U_ng U_ng^T, dY_ng dY_ng^T>_F,    U U^T = sum_k V_k V_k^T
+
+  accumulated over the taps in a ``lax.scan`` (T P^2 C_g multiply-adds);
+* shifted Gram: the patches share their entries, so
+  (U U^T)[o, o'] = sum_k Gamma[oS + kD, o'S + kD] with Gamma = xq xq^T the
+  Gram of the padded input over its Lu used positions (per group). Then
+  <U U^T, dY dY^T> = <Gamma, M> with M = sum_k (dY dY^T spread by S and
+  shifted by kD along both position axes, ``lax.pad`` with interior padding):
+  one (Lu, Lu) Gram of the input and one (P, P) of dY, Lu^2 C_g + P^2 F_g
+  multiply-adds, a factor ~T fewer than the tap Gram for stride 1.
+
+:func:`_norms_form` picks the form with the fewest multiply-adds whose
+temporaries are no larger than the per-example kernel gradient itself (what
+``per_example_grads`` and ``jax.vmap(jax.grad)`` hold): on the MNIST-1D CNN
+(P = 40, C = F = 32, K = 5) the shifted Gram for the deep layers, the
+unrolled taps for the first (measured in experiments/bench/per_example.py).
 
 Choice: both gradients are written as ``lax.conv_general_dilated`` calls with
 explicit dimension numbers rather than im2col + matmul. Same arithmetic, but
@@ -85,6 +99,24 @@ _FORWARD = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC")}
 # dY is the kernel, (N, O, F) read as (I, spatial, O); the output (K, C/G, F) as (spatial, N, C).
 _KERNEL_GRAD = {1: ("CWN", "IWO", "WNC"), 2: ("CHWN", "IHWO", "HWNC")}
 
+
+def _norms_form(taps, p, lu, groups, c_g, f_g):
+    """Which form of ||dW_n||^2 a convolution's ``per_example_norms`` takes (module docstring): the
+    one with the fewest multiply-adds per example, among those whose temporaries per example are
+    no larger than the per-example kernel gradient itself (T C_g F numbers, what
+    ``per_example_grads`` and ``jax.vmap(jax.grad)`` hold); the taps unrolled when all T kernel
+    slices together are no larger than dY. T taps, P output and Lu used input positions, G groups
+    of C_g input and F_g output channels."""
+    room = taps * c_g * groups * f_g
+    cost = {"taps": p * taps * c_g * groups * f_g}                # the taps' kernels, T batched matmuls
+    if groups * 2 * p * p <= room:                              # sum_k V_k V_k^T, and dY dY^T
+        cost["tap gram"] = groups * (taps * p * p * c_g + p * p * f_g)
+    if groups * (lu * lu + p * p) <= room:                      # Gamma, and dY dY^T (spread into it)
+        cost["shifted gram"] = groups * (lu * lu * c_g + p * p * f_g + taps * p * p)
+    form = min(cost, key=cost.get)
+    if form == "taps" and taps * c_g <= p:          # the kernels (N, T, C/G, F) no larger than dY (N, P, F)
+        return "taps unrolled"
+    return form
 
 def _conv(nd, features, kernel_size, stride, padding, dilation, groups, bias, w_init, dtype) -> Layer:
     layer = f"conv{nd}d"
@@ -184,9 +216,10 @@ def _conv(nd, features, kernel_size, stride, padding, dilation, groups, bias, w_
         return grads, dx
 
     def per_example_taps(cache, dy):
-        """``(offsets, view, dyg)``: the taps' offsets k D (T, nd) in row-major order; ``view(offset)``,
+        """``(offsets, view, dyg, xq)``: the taps' offsets k D (T, nd) in row-major order; ``view(offset)``,
         V_k (N, P, G, C_g) = xq[n, oS + kD, g C_g + i] at every output position o of the zero-padded
-        input xq (a dynamic slice, so a ``lax.scan`` over the taps holds one at a time); dY (N, P, G, F_g)."""
+        input xq (a dynamic slice, so a ``lax.scan`` over the taps holds one at a time); dY (N, P, G, F_g);
+        xq itself."""
         x_shape = token_shape(cache["x_shape"])
         _, _, conv_pads, out = geometry(x_shape)
         check_same_shape(name, (x_shape[0],) + out + (features,), dy)
@@ -205,7 +238,7 @@ def _conv(nd, features, kernel_size, stride, padding, dilation, groups, bias, w_
             strided = lax.slice(window, (0,) * (nd + 2), window.shape, (1,) + st + (1,))
             return strided.reshape(n, p, groups, c // groups)
 
-        return offsets, view, dy.reshape(n, p, groups, features // groups)
+        return offsets, view, dy.reshape(n, p, groups, features // groups), xq
 
     def tap_grad(v, dyg):
         """dW_n[k, i, g F_g + j] = sum_o V_k[n, o, g, i] dY[n, o, g, j]: (N, C_g, F) for one tap."""
@@ -216,7 +249,7 @@ def _conv(nd, features, kernel_size, stride, padding, dilation, groups, bias, w_
         return dy.sum(axis=tuple(range(1, nd + 1)))                          # (N, F)
 
     def per_example(cache, dy):
-        offsets, view, dyg = per_example_taps(cache, dy)
+        offsets, view, dyg, _ = per_example_taps(cache, dy)
         # forward was: y = conv(xp, W) + b; dW's correlation with the sum over n dropped, tap by tap
         _, dw = lax.scan(lambda carry, off: (carry, tap_grad(view(off), dyg)), None, offsets)   # (T, N, C/G, F)
         grads = {"w": jnp.moveaxis(dw, 0, 1).reshape((dy.shape[0],) + ks + dw.shape[2:])}
@@ -225,17 +258,34 @@ def _conv(nd, features, kernel_size, stride, padding, dilation, groups, bias, w_
         return grads, backward(cache, dy)[1]
 
     def per_example_norms(cache, dy):
-        offsets, view, dyg = per_example_taps(cache, dy)
+        offsets, view, dyg, xq = per_example_taps(cache, dy)
         n, p, _, f_g = dyg.shape
         c_g = cache["x"].shape[-1] // groups
-        if 3 * groups * p * p < c_g * features:       # the smaller temporaries (module docstring)
-            # Gram form: ||dW_n||^2 = sum_g <U_ng U_ng^T, dY_ng dY_ng^T>, U_ng (P, K C_g) the patches of
-            # group g; U U^T = sum_k V_k V_k^T, accumulated over the taps: (N, G, P, P)
+        out = geometry(token_shape(cache["x_shape"]))[3]
+        used = tuple((o - 1) * s + (k - 1) * d + 1 for o, s, k, d in zip(out, st, ks, dl))
+        lu = math.prod(used)
+        form = _norms_form(len(offsets), p, lu, groups, c_g, f_g)
+        if form == "shifted gram":
+            # U U^T[o, o'] = sum_k Gamma[oS + kD, o'S + kD] with Gamma = xq xq^T over the Lu used
+            # positions, so <U U^T, dY dY^T> = <Gamma, M>, M = sum_k (dY dY^T spread by S, shifted by kD
+            # on both position axes): one Gram of the input (N, G, Lu, Lu) and one of dY (N, G, P, P)
+            xu = lax.slice(xq, (0,) * (nd + 2), (n,) + used + (xq.shape[-1],)).reshape(n, lu, groups, c_g)
+            gamma = jnp.einsum("nagi,nbgi->ngab", xu, xu)
+            gram_y = jnp.einsum("npgj,nqgj->ngpq", dyg, dyg).reshape((n, groups) + out + out)
+            zero, m = jnp.zeros((), gram_y.dtype), 0
+            for off in offsets.tolist():
+                spread = tuple((a, u - a - (o - 1) * s - 1, s - 1) for a, u, o, s in zip(off, used, out, st))
+                m = m + lax.pad(gram_y, zero, ((0, 0, 0),) * 2 + spread + spread)
+            sq = (gamma * m.reshape(gamma.shape)).sum(axis=(1, 2, 3))
+        elif form == "tap gram":
+            # U U^T = sum_k V_k V_k^T, accumulated over the taps: (N, G, P, P)
             def gram_step(gram, off):
                 v = view(off)
                 return gram + jnp.einsum("npgi,nqgi->ngpq", v, v), None
             gram_x, _ = lax.scan(gram_step, jnp.zeros((n, groups, p, p), dyg.dtype), offsets)
             sq = jnp.einsum("ngpq,ngpq->n", gram_x, jnp.einsum("npgj,nqgj->ngpq", dyg, dyg))
+        elif form == "taps unrolled":           # no scan: its per-step cost dominates a thin layer
+            sq = sum((tap_grad(view(jnp.asarray(off)), dyg) ** 2).sum(axis=(1, 2)) for off in offsets)
         else:                                   # tap by tap: one (N, C/G, F) slice of the kernels at a time
             def tap_step(sq, off):
                 return sq + (tap_grad(view(off), dyg) ** 2).sum(axis=(1, 2)), None
