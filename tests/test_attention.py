@@ -1,5 +1,6 @@
 """Attention (both save modes) and the positional embedding: registry cases, lse vs probs vs
 jax.grad, no (T, T) array in the lse program, PyTorch equality, and the errors."""
+import math
 import re
 
 import jax
@@ -154,6 +155,39 @@ def test_lse_program_has_no_t_by_t_array():
         hlo = _square(_hlo_shapes(step.lower(params, x).compile().as_text()), t)
         assert bool(big) == expect, (save, causal, big[:5])
         assert bool(hlo) == expect, (save, causal, hlo[:5])
+
+
+def _score_entries(jaxpr, b, times=1):
+    """Entries of the score-block products (dot_general outputs (..., rows, b): S_b, dP_b) in the
+    program, a scan body counted once per trip."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        shape = eqn.outvars[0].aval.shape if eqn.outvars else ()
+        if str(eqn.primitive) == "dot_general" and shape[-1:] == (b,):
+            total += times * math.prod(shape)
+        trips = eqn.params.get("length", 1) if str(eqn.primitive) == "scan" else 1
+        for sub in _subjaxprs(eqn.params):
+            total += _score_entries(sub, b, times * trips)
+    return total
+
+
+def test_causal_lse_skips_the_blocks_above_the_diagonal():
+    """Causal save="lse": row block i runs over key blocks 0..i only, nb (nb + 1) / 2 of the nb^2
+    pairs, in forward and backward (the score blocks S_b, dP_b computed shrink by that factor), and
+    still equals jax.grad (test_lse_equals_probs_and_jax_grad)."""
+    from jaxprop.layers.attention import _lse_plan
+    assert _lse_plan(10, 4, True) == [(0, 4, 1), (4, 8, 2), (8, 10, 3)]
+    assert _lse_plan(10, 4, False) == [(0, 10, 3)]
+    n, t, dim, b = 2, 64, 4, 8                             # nb = 8: 36 of 64 pairs
+    x = jax.random.normal(jax.random.key(1), (n, t, dim))
+    dy = jax.random.normal(jax.random.key(2), (n, t, dim))
+    entries = {}
+    for causal in (False, True):
+        layer = attention(1, causal=causal, save="lse", block_size=b)
+        _, params = layer.init(jax.random.key(0), (n, t, dim))
+        jaxpr = jax.make_jaxpr(lambda p, xx: _grads(layer, p, xx, dy))(params, x).jaxpr
+        entries[causal] = _score_entries(jaxpr, b)
+    assert entries[True] == 36 / 64 * entries[False] > 0, entries
 
 
 # ------------------------------------------------------------------ PyTorch

@@ -62,7 +62,11 @@ P_b = exp(S_b - lse), then applies the lines above to that block::
     dV_b = P_b^T dO,  dP_b = dO V_b^T,  dS_b = P_b * (dP_b - Delta),
     dK_b = dS_b^T Q / sqrt(d),  dQ += dS_b K_b / sqrt(d)     (dQ is the scan's carry)
 
-so the largest intermediate is (N, H, T, block_size). Gradients equal
+so the largest intermediate is (N, H, T, block_size). Causal, the query rows
+are cut into blocks of ``block_size`` as well: row block i sees key blocks
+0..i only (every later one is masked whole), so both scans run per row block
+over those key blocks, nb (nb + 1) / 2 of the nb^2 block pairs; a key block's
+dK_b, dV_b sum over the row blocks that see it. Gradients equal
 ``save="probs"`` up to rounding.
 """
 from __future__ import annotations
@@ -179,13 +183,25 @@ def _unblocks(a, t):
     return a.transpose(1, 2, 0, 3, 4).reshape(n, h, nb * b, d)[:, :, :t]
 
 
-def _block_keep(j, b, t, causal):
-    """(T, b) boolean: which keys of block j each query may see (padding and causal mask)."""
+def _block_keep(j, b, t, causal, lo=0, rows=None):
+    """(rows, b) boolean: which keys of block j the queries lo, lo + 1, ... (``rows`` of them, all
+    T by default) may see (padding and causal mask)."""
+    rows = t if rows is None else rows
     kidx = j * b + jnp.arange(b)                              # key positions of block j
-    keep = jnp.broadcast_to(kidx[None, :] < t, (t, b))
+    keep = jnp.broadcast_to(kidx[None, :] < t, (rows, b))
     if causal:
-        keep = keep & (kidx[None, :] <= jnp.arange(t)[:, None])
+        keep = keep & (kidx[None, :] <= lo + jnp.arange(rows)[:, None])
     return keep
+
+
+def _lse_plan(t, b, causal):
+    """[(lo, hi, nkb)]: query rows [lo, hi) against the first nkb key blocks. Causal, the rows are
+    cut into blocks of b too and row block i sees key blocks 0..i only (the later ones are masked
+    whole): nb (nb + 1) / 2 of the nb^2 block pairs. Otherwise all T rows against all nb blocks."""
+    nb = -(-t // b)
+    if causal:
+        return [(i * b, min((i + 1) * b, t), i + 1) for i in range(nb)]
+    return [(0, t, nb)]
 
 
 def _lse_forward(q, k, v, causal, scale, block):
@@ -197,48 +213,62 @@ def _lse_forward(q, k, v, causal, scale, block):
     dt, at = q.dtype, _acc(q.dtype)
     b = min(block, t)
     nb = -(-t // b)
-    m0 = jnp.full((n, h, t, 1), -jnp.inf, at)
-    l0 = jnp.zeros((n, h, t, 1), at)
-    a0 = jnp.zeros((n, h, t, d), at)
+    kbs, vbs = _blocks(k, b, nb), _blocks(v, b, nb)
+    outs, lses = [], []
+    for lo, hi, nkb in _lse_plan(t, b, causal):
+        qr = q[:, :, lo:hi]
 
-    def step(carry, xs):
-        m, l, acc = carry
-        j, kb, vb = xs
-        s = jnp.where(_block_keep(j, b, t, causal)[None, None], _scores(q, kb, scale), -jnp.inf)
-        m_new = jnp.maximum(m, s.max(axis=-1, keepdims=True))   # finite: key 0 is in block 0
-        alpha = jnp.exp(m - m_new)                               # rescales what came before
-        e = jnp.exp(s - m_new)                                   # (N, H, T, b)
-        l_new = alpha * l + e.sum(axis=-1, keepdims=True)
-        acc_new = alpha * acc + _mm("nhij,nhjc->nhic", e, vb, dt)
-        return (m_new, l_new, acc_new), None
+        def step(carry, j, lo=lo, qr=qr):
+            m, l, acc = carry
+            kb, vb = kbs[j], vbs[j]                                  # read in place: no copy of kbs[:nkb]
+            keep = _block_keep(j, b, t, causal, lo, qr.shape[2])[None, None]
+            s = jnp.where(keep, _scores(qr, kb, scale), -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=-1, keepdims=True))   # finite: key 0 is in block 0
+            alpha = jnp.exp(m - m_new)                               # rescales what came before
+            e = jnp.exp(s - m_new)                                   # (N, H, rows, b)
+            l_new = alpha * l + e.sum(axis=-1, keepdims=True)
+            acc_new = alpha * acc + _mm("nhij,nhjc->nhic", e, vb, dt)
+            return (m_new, l_new, acc_new), None
 
-    (m, l, acc), _ = lax.scan(step, (m0, l0, a0), (jnp.arange(nb), _blocks(k, b, nb), _blocks(v, b, nb)))
-    return (acc / l).astype(dt), (m + jnp.log(l))[..., 0]
+        rows = hi - lo
+        init = (jnp.full((n, h, rows, 1), -jnp.inf, at), jnp.zeros((n, h, rows, 1), at),
+                jnp.zeros((n, h, rows, d), at))
+        (m, l, acc), _ = lax.scan(step, init, jnp.arange(nkb))
+        outs.append((acc / l).astype(dt))
+        lses.append((m + jnp.log(l))[..., 0])
+    return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
 
 
 def _lse_backward(q, k, v, o, lse, do, causal, scale, block):
-    """Blocked backward: P_b rebuilt from lse, one key block at a time."""
-    t, dt = q.shape[2], q.dtype
+    """Blocked backward: P_b rebuilt from lse, one key block at a time (per row block, causal)."""
+    n, h, t, d = q.shape
+    dt = q.dtype
     b = min(block, t)
     nb = -(-t // b)
     delta = (do.astype(lse.dtype) * o).sum(axis=-1, keepdims=True)   # (N, H, T, 1) rowsum(dO * O)
     lse = lse[..., None]
+    kbs, vbs = _blocks(k, b, nb), _blocks(v, b, nb)
+    dqs, dk, dv = [], jnp.zeros((nb, n, h, b, d), dt), jnp.zeros((nb, n, h, b, d), dt)
+    for lo, hi, nkb in _lse_plan(t, b, causal):
+        qr, dor, lser, deltar = q[:, :, lo:hi], do[:, :, lo:hi], lse[:, :, lo:hi], delta[:, :, lo:hi]
 
-    def step(dq, xs):
-        j, kb, vb = xs
-        keep = _block_keep(j, b, t, causal)[None, None]
-        # forward was: P_b = exp(S_b - lse), masked entries 0
-        p = jnp.exp(jnp.where(keep, _scores(q, kb, scale) - lse, -jnp.inf))
-        dvb = _mm("nhij,nhic->nhjc", p, do, dt)               # forward was: O = sum_b P_b V_b
-        dp = _mm("nhic,nhjc->nhij", do, vb, dt)               # forward was: O = sum_b P_b V_b
-        ds = p * (dp - delta)                                 # forward was: P = softmax(S)
-        dkb = _mm("nhij,nhic->nhjc", ds, q, dt) * scale       # forward was: S_b = Q K_b^T / sqrt(d)
-        dq = dq + _mm("nhij,nhjc->nhic", ds, kb, dt) * scale
-        return dq, (dkb.astype(dt), dvb.astype(dt))
+        def step(carry, j, lo=lo, qr=qr, dor=dor, lser=lser, deltar=deltar):
+            dq, dk, dv = carry
+            kb, vb = kbs[j], vbs[j]
+            keep = _block_keep(j, b, t, causal, lo, qr.shape[2])[None, None]
+            # forward was: P_b = exp(S_b - lse), masked entries 0
+            p = jnp.exp(jnp.where(keep, _scores(qr, kb, scale) - lser, -jnp.inf))
+            dvb = _mm("nhij,nhic->nhjc", p, dor, dt)              # forward was: O = sum_b P_b V_b
+            dp = _mm("nhic,nhjc->nhij", dor, vb, dt)              # forward was: O = sum_b P_b V_b
+            ds = p * (dp - deltar)                                # forward was: P = softmax(S)
+            dkb = _mm("nhij,nhic->nhjc", ds, qr, dt) * scale      # forward was: S_b = Q K_b^T / sqrt(d)
+            dq = dq + _mm("nhij,nhjc->nhic", ds, kb, dt) * scale
+            # a key's gradient sums over the row blocks that see it: added in place at block j
+            return (dq, dk.at[j].add(dkb.astype(dt)), dv.at[j].add(dvb.astype(dt))), None
 
-    dq0 = jnp.zeros(q.shape, lse.dtype)
-    dq, (dk, dv) = lax.scan(step, dq0, (jnp.arange(nb), _blocks(k, b, nb), _blocks(v, b, nb)))
-    return dq.astype(dt), _unblocks(dk, t), _unblocks(dv, t)
+        (dq, dk, dv), _ = lax.scan(step, (jnp.zeros(qr.shape, lse.dtype), dk, dv), jnp.arange(nkb))
+        dqs.append(dq.astype(dt))
+    return jnp.concatenate(dqs, axis=2), _unblocks(dk, t), _unblocks(dv, t)
 
 
 def attention(heads: int, *, causal: bool = False, save: str = "probs", block_size: int = 128,
