@@ -292,16 +292,19 @@ CASES = [
          eager=False),
     # Attention (save="probs" keeps P; save="lse" is blocked over keys with an online softmax, no T x T
     # array) with T not a multiple of block_size, causal and not, 1-4 heads; finite differences off:
-    # dJ/dbk is exactly 0 (softmax ignores a per-row shift), so its difference quotient is pure noise.
+    # dJ/dbk is exactly 0 (softmax ignores a per-row shift), so its difference quotient is pure noise;
+    # in float32 both sides of dbk are rounding (about 1e-7 of the largest gradient entry), which the
+    # relative-error floor (1e-3 of it) reads as up to 1.5e-4 on some seeds: rtol32 5e-4 (the other
+    # leaves stay near 1e-7, and a wrong sign or factor is an O(1) error).
     # More (PyTorch equality, the no-T-by-T-array check): tests/test_attention.py, test_transformer.py.
-    Case("attention", lambda: attention(2), (2, 5, 8), bad_shape=(2, 5, 6), fd=False),
-    Case("attention_causal", lambda: attention(4, causal=True), (2, 6, 8), fd=False, eager=False),
+    Case("attention", lambda: attention(2), (2, 5, 8), bad_shape=(2, 5, 6), fd=False, rtol32=5e-4),
+    Case("attention_causal", lambda: attention(4, causal=True), (2, 6, 8), fd=False, eager=False, rtol32=5e-4),
     Case("attention_causal_blocks", lambda: attention(2, causal=True, block_size=3), (2, 7, 8), fd=False,
-         eager=False),
+         eager=False, rtol32=5e-4),
     Case("attention_lse", lambda: attention(1, save="lse", block_size=4), (2, 7, 6), fd=False,
-         eager=False),
+         eager=False, rtol32=5e-4),
     Case("attention_lse_causal", lambda: attention(3, causal=True, save="lse", block_size=4), (2, 10, 6),
-         fd=False, eager=False),
+         fd=False, eager=False, rtol32=5e-4),
     Case("positional_embedding", lambda: positional_embedding(8), (2, 5, 4), bad_shape=(2, 9, 4)),
     Case("transformer_block", lambda: transformer_block(2), (2, 5, 8), bad_shape=(2, 5, 6), fd=False,
          eager=False),
