@@ -248,7 +248,8 @@ def _lse_backward(q, k, v, o, lse, do, causal, scale, block):
     delta = (do.astype(lse.dtype) * o).sum(axis=-1, keepdims=True)   # (N, H, T, 1) rowsum(dO * O)
     lse = lse[..., None]
     kbs, vbs = _blocks(k, b, nb), _blocks(v, b, nb)
-    dqs, dk, dv = [], jnp.zeros((nb, n, h, b, d), dt), jnp.zeros((nb, n, h, b, d), dt)
+    at = lse.dtype                                                   # dK, dV sum over row blocks in it
+    dqs, dk, dv = [], jnp.zeros((nb, n, h, b, d), at), jnp.zeros((nb, n, h, b, d), at)
     for lo, hi, nkb in _lse_plan(t, b, causal):
         qr, dor, lser, deltar = q[:, :, lo:hi], do[:, :, lo:hi], lse[:, :, lo:hi], delta[:, :, lo:hi]
 
@@ -264,11 +265,11 @@ def _lse_backward(q, k, v, o, lse, do, causal, scale, block):
             dkb = _mm("nhij,nhic->nhjc", ds, qr, dt) * scale      # forward was: S_b = Q K_b^T / sqrt(d)
             dq = dq + _mm("nhij,nhjc->nhic", ds, kb, dt) * scale
             # a key's gradient sums over the row blocks that see it: added in place at block j
-            return (dq, dk.at[j].add(dkb.astype(dt)), dv.at[j].add(dvb.astype(dt))), None
+            return (dq, dk.at[j].add(dkb), dv.at[j].add(dvb)), None
 
-        (dq, dk, dv), _ = lax.scan(step, (jnp.zeros(qr.shape, lse.dtype), dk, dv), jnp.arange(nkb))
+        (dq, dk, dv), _ = lax.scan(step, (jnp.zeros(qr.shape, at), dk, dv), jnp.arange(nkb))
         dqs.append(dq.astype(dt))
-    return jnp.concatenate(dqs, axis=2), _unblocks(dk, t), _unblocks(dv, t)
+    return jnp.concatenate(dqs, axis=2), _unblocks(dk, t).astype(dt), _unblocks(dv, t).astype(dt)
 
 
 def attention(heads: int, *, causal: bool = False, save: str = "probs", block_size: int = 128,

@@ -118,6 +118,7 @@ def _norms_form(taps, p, lu, groups, c_g, f_g):
         return "taps unrolled"
     return form
 
+
 def _conv(nd, features, kernel_size, stride, padding, dilation, groups, bias, w_init, dtype) -> Layer:
     layer = f"conv{nd}d"
     if not isinstance(features, (int, np.integer)) or features < 1:
@@ -182,9 +183,13 @@ def _conv(nd, features, kernel_size, stride, padding, dilation, groups, bias, w_
             y = y + params["b"].reshape((1,) * (nd + 1) + (features,))     # b[None, ..., :]
         return y, {"x": xp, "w": w, "x_shape": shape_token(x)}
 
+    def used_span(out):
+        """Input positions the windows reach along each axis: (O - 1) S + (K - 1) D + 1."""
+        return tuple((o - 1) * s + (k - 1) * d + 1 for o, s, k, d in zip(out, st, ks, dl))
+
     def kernel_grad(xp, dy, conv_pads, out):
         """dW[k, i, f] = sum_{n,o} xp[n, oS + kD, gC_g + i] dY[n, o, f]: correlate xp with dY."""
-        used = [(o - 1) * s + (k - 1) * d + 1 for o, s, k, d in zip(out, st, ks, dl)]
+        used = used_span(out)
         w_pads = [(lo, hi - (n + lo + hi - u)) for (lo, hi), n, u in zip(conv_pads, xp.shape[1:-1], used)]
         return lax.conv_general_dilated(xp, dy, dl, w_pads, rhs_dilation=st,
                                         dimension_numbers=_KERNEL_GRAD[nd], batch_group_count=groups)
@@ -219,7 +224,7 @@ def _conv(nd, features, kernel_size, stride, padding, dilation, groups, bias, w_
         """``(offsets, view, dyg, xq)``: the taps' offsets k D (T, nd) in row-major order; ``view(offset)``,
         V_k (N, P, G, C_g) = xq[n, oS + kD, g C_g + i] at every output position o of the zero-padded
         input xq (a dynamic slice, so a ``lax.scan`` over the taps holds one at a time); dY (N, P, G, F_g);
-        xq itself."""
+        xq itself, cut to the used positions (Lu)."""
         x_shape = token_shape(cache["x_shape"])
         _, _, conv_pads, out = geometry(x_shape)
         check_same_shape(name, (x_shape[0],) + out + (features,), dy)
@@ -227,6 +232,7 @@ def _conv(nd, features, kernel_size, stride, padding, dilation, groups, bias, w_
         c = xp.shape[-1]
         xq = lax.pad(xp, jnp.zeros((), xp.dtype), ((0, 0, 0),) + tuple((lo, hi, 0) for lo, hi in conv_pads)
                      + ((0, 0, 0),))
+        xq = lax.slice(xq, (0,) * (nd + 2), (n,) + used_span(out) + (c,))     # the positions windows reach
         offsets = np.array([[a * d for a, d in zip(tap, dl)] for tap in itertools.product(*(range(k) for k in ks))],
                            np.int32)
         spans = tuple((o - 1) * s + 1 for o, s in zip(out, st))
@@ -261,15 +267,14 @@ def _conv(nd, features, kernel_size, stride, padding, dilation, groups, bias, w_
         offsets, view, dyg, xq = per_example_taps(cache, dy)
         n, p, _, f_g = dyg.shape
         c_g = cache["x"].shape[-1] // groups
-        out = geometry(token_shape(cache["x_shape"]))[3]
-        used = tuple((o - 1) * s + (k - 1) * d + 1 for o, s, k, d in zip(out, st, ks, dl))
+        out, used = dy.shape[1:-1], xq.shape[1:-1]
         lu = math.prod(used)
         form = _norms_form(len(offsets), p, lu, groups, c_g, f_g)
         if form == "shifted gram":
             # U U^T[o, o'] = sum_k Gamma[oS + kD, o'S + kD] with Gamma = xq xq^T over the Lu used
             # positions, so <U U^T, dY dY^T> = <Gamma, M>, M = sum_k (dY dY^T spread by S, shifted by kD
             # on both position axes): one Gram of the input (N, G, Lu, Lu) and one of dY (N, G, P, P)
-            xu = lax.slice(xq, (0,) * (nd + 2), (n,) + used + (xq.shape[-1],)).reshape(n, lu, groups, c_g)
+            xu = xq.reshape(n, lu, groups, c_g)
             gamma = jnp.einsum("nagi,nbgi->ngab", xu, xu)
             gram_y = jnp.einsum("npgj,nqgj->ngpq", dyg, dyg).reshape((n, groups) + out + out)
             zero, m = jnp.zeros((), gram_y.dtype), 0
