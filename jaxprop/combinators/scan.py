@@ -83,7 +83,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxprop.core import Layer, check_same_shape, shape_token, token_shape
+from jaxprop.core import Layer, check_same_shape, matmul_operands, shape_token, token_shape
 
 
 class Cell(NamedTuple):
@@ -172,19 +172,20 @@ def scan(cell: Cell, *, return_sequences: bool = True, reverse: bool = False, ti
             raise ValueError(f"{name}: expected a {layout} input with T >= 1, got shape {tuple(jnp.shape(x))}")
         xs = jnp.moveaxis(x, t_axis, 0)                              # (T, N, ...) time-major
         h0 = cell.init_carry(params, xs[0])
+        p_loop = matmul_operands(params)                             # rounded once, if matmuls round
         if return_sequences:
             def step(h, x_t):                                        # (h_t, y_t) = f(theta, h_{t-1}, x_t)
-                h, y_t, c = cell.step_forward(params, h, x_t)
+                h, y_t, c = cell.step_forward(p_loop, h, x_t)
                 return h, (y_t, c)
 
             h, (ys, steps) = jax.lax.scan(step, h0, xs, reverse=reverse, unroll=unroll)
             y = jnp.moveaxis(ys, 0, t_axis)                          # (N, T, ...) unless time_major
         else:
-            y_aval = jax.eval_shape(lambda p, hh, xt: cell.step_forward(p, hh, xt)[1], params, h0, xs[0])
+            y_aval = jax.eval_shape(lambda p, hh, xt: cell.step_forward(p, hh, xt)[1], p_loop, h0, xs[0])
 
             def step(carry, x_t):                                    # keep only the latest y_t
                 h, _ = carry
-                h, y_t, c = cell.step_forward(params, h, x_t)
+                h, y_t, c = cell.step_forward(p_loop, h, x_t)
                 return (h, y_t), c
 
             (h, y), steps = jax.lax.scan(step, (h0, jnp.zeros(y_aval.shape, y_aval.dtype)), xs,
@@ -202,6 +203,7 @@ def scan(cell: Cell, *, return_sequences: bool = True, reverse: bool = False, ti
                                       token_shape(jax.tree_util.tree_leaves(cache["carry"])[0])[0]
                                       < SUM_AFTER_BELOW_BATCH)
         g0 = () if after else jax.tree_util.tree_map(jnp.zeros_like, params)
+        params = matmul_operands(params)                              # after g0: grads keep params' dtypes
         if return_sequences:
             dys = jnp.moveaxis(dy, t_axis, 0)                         # (T, N, ...)
             dy_of = lambda t_or_dy: t_or_dy                           # noqa: E731

@@ -4,7 +4,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxprop import initializers
-from jaxprop.core import Layer, check_float, check_input, check_same_shape, default_float
+from jaxprop.core import (Layer, check_float, check_input, check_same_shape, default_float, matmul, matmul_nt,
+                          matmul_tn)
 from jaxprop.layers._params import BIAS_NOTES, check_params
 
 
@@ -45,6 +46,10 @@ def dense(features: int, *, bias: bool = True, w_init="glorot", dtype=None) -> L
       dtype: parameter dtype (default: float64 under x64, else float32). The
         input must have the same dtype.
 
+    The three products go through :func:`jaxprop.core.matmul` (``matmul_nt`` for
+    dX, ``matmul_tn`` for dW): under ``jax.default_matmul_precision("bfloat16")``
+    float32 operands are rounded to bfloat16 and summed in float32, on CPU too.
+
     Params: ``{"w": (I, O), "b": (O,)}``, checked in ``forward`` (at trace time):
     the keys, O, one floating dtype, and the input's I and dtype against them.
     """
@@ -70,7 +75,7 @@ def dense(features: int, *, bias: bool = True, w_init="glorot", dtype=None) -> L
         check_float(name, x)
         check_input(name, x, min_ndim=2, last=sizes["I"], dtype=dt)
         w = params["w"]
-        y = x @ w
+        y = matmul(x, w)
         if bias:
             y = y + params["b"].reshape((1,) * (y.ndim - 1) + (features,))  # b[None, :]
         return y, {"x": x, "w": w}
@@ -80,10 +85,10 @@ def dense(features: int, *, bias: bool = True, w_init="glorot", dtype=None) -> L
         check_same_shape(name, x.shape[:-1] + (w.shape[1],), dy)
         x2 = x.reshape(-1, w.shape[0])          # (M, I)
         dy2 = dy.reshape(-1, w.shape[1])        # (M, O)
-        grads = {"w": x2.T @ dy2}               # forward was: y = x @ w
+        grads = {"w": matmul_tn(x2, dy2)}       # forward was: y = x @ w
         if bias:
             grads["b"] = dy2.sum(axis=0)        # forward was: y = ... + b[None, :]
-        dx = dy @ w.T                           # (..., O) @ (O, I)
+        dx = matmul_nt(dy, w)                   # (..., O) @ (O, I)
         return grads, dx
 
     def rows(cache, dy):

@@ -49,6 +49,7 @@ The runner's other parts: :mod:`~jaxprop.runner.models` (``--model`` specs),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -147,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="hand-written backward passes (default) or jax.value_and_grad of the same forward")
     a("--dtype", default="float32", choices=("float32", "float64"),
       help="float64 turns on jax_enable_x64 (for hand-vs-autodiff trajectory comparisons)")
+    a("--matmul-precision", default="default", choices=("default", "bfloat16"),
+      help="bfloat16: the dense and recurrent layers' matmuls, forward and hand-written backward, round "
+           "float32 operands to bfloat16 and sum in float32 (jax.default_matmul_precision('bfloat16'), "
+           "honoured on CPU too: jaxprop.core.matmul); parameters, optimizer and everything else stay "
+           "float32. Faster where the hardware multiplies bfloat16 (CPUs with AMX, GPUs, TPUs) "
+           "(default: the backend's float32 products)")
     a("--out", default=None, help="output folder (default: runs/train/<dataset>-<model>-<grad>-seed<seed>-<time>)")
     a("--checkpoint-every", type=int, default=None, help="save a checkpoint every N steps (and at the end)")
     a("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
@@ -355,16 +362,20 @@ def _run(argv, ctx: dict) -> dict:
     print(f"jaxprop-train: {'resuming' if args.resume else 'writing'} run in {out}", file=sys.stderr)
     print(f"  {ds.name} ({ds.n_train} train / {len(ds.y_test)} {ds.test_name}), {net.name}, "
           f"{cfg['optimizer']} lr {cfg['lr']} ({cfg['schedule']}), batch {cfg['batch_size']}, "
-          f"{cfg['steps']} steps, grad={cfg['grad']}, {cfg['dtype']}, seed {cfg['seed']}", file=sys.stderr)
+          f"{cfg['steps']} steps, grad={cfg['grad']}, {cfg['dtype']}"
+          f"{', bfloat16 matmuls' if cfg.get('matmul_precision') == 'bfloat16' else ''}, seed {cfg['seed']}",
+          file=sys.stderr)
 
-    result = train.fit(
-        net, spec.name, tx, ds, grad=grad,
-        steps=cfg["steps"], batch_size=cfg["batch_size"], seed=cfg["seed"], eval_every=cfg["eval_every"],
-        checkpoint_dir=files["checkpoints"] if primary else None, checkpoint_every=cfg["checkpoint_every"],
-        keep_checkpoints=cfg["keep_checkpoints"], resume=bool(args.resume),
-        metrics_path=files["metrics"] if primary else None,
-        early_stopping=cfg["early_stopping"], dtype=cfg["dtype"], progress=cfg["progress"] and primary,
-        desc=f"{ds.name} {cfg['grad']}", mesh=mesh)
+    precision = _matmul_precision(args)
+    with precision():
+        result = train.fit(
+            net, spec.name, tx, ds, grad=grad,
+            steps=cfg["steps"], batch_size=cfg["batch_size"], seed=cfg["seed"], eval_every=cfg["eval_every"],
+            checkpoint_dir=files["checkpoints"] if primary else None, checkpoint_every=cfg["checkpoint_every"],
+            keep_checkpoints=cfg["keep_checkpoints"], resume=bool(args.resume),
+            metrics_path=files["metrics"] if primary else None,
+            early_stopping=cfg["early_stopping"], dtype=cfg["dtype"], progress=cfg["progress"] and primary,
+            desc=f"{ds.name} {cfg['grad']}", mesh=mesh)
     summary = dict(summarize(result, cfg, ds.test_name), **scale)
     summary.update(privacy.summary(cfg, ds.n_train, result.step))     # dp_epsilon at dp_delta
     if text_run.is_text(ds):                 # bits per character, n-gram baselines
@@ -372,8 +383,9 @@ def _run(argv, ctx: dict) -> dict:
     if not primary:                          # every process trained; process 0 writes the results
         return summary
     if text_run.is_text(ds) and cfg["sample_length"]:
-        sample = text_run.write_sample(out, net, result.params, ds, length=cfg["sample_length"],
-                                       temperature=cfg["temperature"], seed=cfg["seed"])
+        with precision():
+            sample = text_run.write_sample(out, net, result.params, ds, length=cfg["sample_length"],
+                                           temperature=cfg["temperature"], seed=cfg["seed"])
         print(f"jaxprop-train: sample (temperature {cfg['temperature']}):\n{sample}", file=sys.stderr)
     curves = plot_learning_curves(result.history, files["curves"],
                                   f"{ds.name}: {cfg['model']}, {cfg['optimizer']} lr {cfg['lr']}, "
@@ -387,6 +399,14 @@ def _run(argv, ctx: dict) -> dict:
               f"trigram {summary.get('trigram_bpc', float('nan')):.2f})", file=sys.stderr)
     print(out)
     return summary
+
+
+def _matmul_precision(args):
+    """The context the run's programs are traced in: ``jax.default_matmul_precision("bfloat16")``
+    for ``--matmul-precision bfloat16``, none otherwise (also for a run saved before the option)."""
+    if getattr(args, "matmul_precision", "default") == "bfloat16":
+        return lambda: jax.default_matmul_precision("bfloat16")
+    return contextlib.nullcontext
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
