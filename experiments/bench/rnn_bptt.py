@@ -13,17 +13,25 @@ temporaries (the scan's stacked caches live there) and the total with arguments 
     python -m experiments.bench.rnn_bptt                        # gru(128), about a minute
     python -m experiments.bench.rnn_bptt --cell lstm --hidden 128
     python -m experiments.bench.rnn_bptt --hidden 512 --batch-size 32 --length 128 --features 64 --tag lm
+    python -m experiments.bench.rnn_bptt --cell lstm --hidden 512 --batch-size 32 --length 128 --features 64 \
+        --matmul-precision bfloat16 --tag lm-bf16
 
 ``--sum-ab`` adds a paired A/B of the two placements of the cell's weight-gradient rule
 (``Cell.sum_grads``, ``jaxprop/combinators/scan.py``): summed after the reverse sweep against
 inside its loop, both hand-written, reported as ``ratio_sum_after_over_in_loop``; the default
 placement (after when N < 64) is what the hand contestant runs.
 
+``--matmul-precision bfloat16`` traces both steps under ``jax.default_matmul_precision("bfloat16")``
+(every matmul of the layers rounds its float32 operands to bfloat16 and sums in float32,
+``jaxprop.core.matmul``) and adds a paired A/B of the hand step against the same step in float32,
+``ratio_bfloat16_over_float32``.
+
 Writes ``experiments/bench/results/rnn_bptt-<cell><hidden>[-TAG].json`` and prints the figures.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -64,6 +72,10 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--sum-ab", action="store_true",
                     help="also time the weight-gradient sum after the sweep against in the loop")
+    ap.add_argument("--matmul-precision", choices=("default", "bfloat16"), default="default",
+                    help="bfloat16: both steps traced under jax.default_matmul_precision('bfloat16') "
+                         "(jaxprop.core.matmul rounds the operands), plus a paired A/B of the hand step "
+                         "against itself in float32 (ratio_bfloat16_over_float32)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
@@ -84,12 +96,18 @@ def main(argv=None):
               "features": args.features, "dtype": "float32", "backend": jax.default_backend(),
               "devices": len(jax.devices()), "cpus": os.cpu_count(),
               "load_average_1min_at_start": round(os.getloadavg()[0], 2)}
+    report["matmul_precision"] = args.matmul_precision
+    bf16 = args.matmul_precision == "bfloat16"
     compiled = {}
     for name, step in steps.items():
         t0 = time.perf_counter()
-        compiled[name] = step.lower(params, opt_state, x, y).compile()
+        with jax.default_matmul_precision("bfloat16") if bf16 else contextlib.nullcontext():
+            compiled[name] = step.lower(params, opt_state, x, y).compile()
         report[f"compile_s_{name}"] = round(time.perf_counter() - t0, 3)
         report[f"memory_{name}"] = _memory(compiled[name])
+    if bf16:                               # the hand step as it is without the setting
+        step = jp.train.make_train_step(jp.value_and_grad(net, loss), tx, donate=False)
+        compiled["hand_float32"] = step.lower(params, opt_state, x, y).compile()
     if args.sum_ab:                        # the same hand step traced with each placement of sum_grads
         default = scan_module.SUM_AFTER_BELOW_BATCH
         for name, below in (("sum_after", 10 ** 9), ("sum_in_loop", 0)):
@@ -103,6 +121,9 @@ def main(argv=None):
 
     # same numbers first: the two steps are the same update
     out = {n: c(params, opt_state, x, y) for n, c in compiled.items()}
+    if bf16:
+        report["value_rel_diff_bfloat16_vs_float32"] = float(abs(out["hand"][2] - out["hand_float32"][2])
+                                                             / abs(out["hand_float32"][2]))
     report["value_rel_diff"] = float(abs(out["hand"][2] - out["autodiff"][2]) / abs(out["autodiff"][2]))
     report["param_max_abs_diff_after_1_step"] = max(
         float(jnp.max(jnp.abs(a - b))) for a, b in
@@ -127,6 +148,10 @@ def main(argv=None):
         return times, round(statistics.median(ratios), 4), [round(float(q[0]), 4), round(float(q[1]), 4)]
 
     times, report["ratio_hand_over_autodiff_median"], report["ratio_iqr"] = paired("hand", "autodiff")
+    if bf16:
+        ab_times, report["ratio_bfloat16_over_float32"], report["ratio_bfloat16_over_float32_iqr"] = \
+            paired("hand", "hand_float32")
+        times["hand_float32"] = ab_times["hand_float32"]
     if args.sum_ab:
         ab_times, report["ratio_sum_after_over_in_loop"], report["ratio_sum_after_over_in_loop_iqr"] = \
             paired("sum_after", "sum_in_loop")
