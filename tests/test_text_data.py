@@ -310,3 +310,30 @@ def test_runner_text_run_reports_bpc_and_samples(tmp_path, capsys):
         f.write("more text\n")
     with pytest.raises(ValueError, match="differs from the one this run started with"):
         cli.run(["--resume", "--out", out, "--no-progress"])
+
+
+def test_bpc_by_position_reproduces_the_runs_figure_at_its_context(tmp_path):
+    """experiments/train/bpc_by_position rebuilds the run's evaluation split (here the validation
+    split of a --val-fraction run) from the run folder: at the run's context it gives the runner's
+    figure; the bands of positions average back to the whole; a longer window scores other targets."""
+    from experiments.train import bpc_by_position as bp
+    corpus_file = str(tmp_path / "corpus.txt")
+    with open(corpus_file, "w", encoding="utf-8") as f:
+        f.write(_corpus(200))
+    out = str(tmp_path / "run")
+    summary = cli.run(["--dataset", "text:" + corpus_file, "--context", "16", "--model", "gru:16:emb=8",
+                       "--steps", "30", "--batch-size", "8", "--eval-every", "30", "--val-fraction", "0.2",
+                       "--out", out, "--no-progress", "--sample-length", "0"])
+    table = str(tmp_path / "bpc.json")
+    assert bp.main(["--out", out, "--lengths", "16", "64", "--json", table]) == 0
+    saved = _json(table)
+    assert saved["split"] == "val" and saved["context"] == 16
+    at_context, longer = saved["rows"]
+    n_windows = _json(os.path.join(out, "config.json"))["dataset"]["n_eval"]
+    assert at_context["n_targets"] == 16 * n_windows
+    assert at_context["bpc"] == pytest.approx(summary["final_val_bpc"], rel=1e-5)
+    assert at_context["bands"][0] == pytest.approx(at_context["bpc"], rel=1e-6)
+    assert at_context["bands"][1:] == [None, None, None]
+    first, middle, none64, none128 = longer["bands"]
+    assert none64 is None and none128 is None and longer["n_targets"] == 64 * (16 * n_windows // 64)
+    assert (16 * first + 48 * middle) / 64 == pytest.approx(longer["bpc"], rel=1e-6)
