@@ -39,6 +39,15 @@ _GRU512 = _GRU_TEXT.replace("gru:256", "gru:512").replace("--lr 1e-2", "--lr 3e-
                                                                                             "--end-lr 3e-4")
 _LSTM512 = _GRU512.replace("gru:512:emb=64", "lstm:512:emb=64")
 
+
+def _lr(options, lr):
+    """``options`` with the 512-wide recipe's lr 3e-3 (cosine to 3e-4) replaced by ``lr`` (cosine to a tenth)."""
+    assert "--lr 3e-3" in options and "--end-lr 3e-4" in options
+    return options.replace("--lr 3e-3", f"--lr {lr}").replace("--end-lr 3e-4", f"--end-lr {float(lr) / 10:g}")
+
+
+_BF16_PILOT = f"{_text(2000, 1000)} --val-fraction 0.05 {_LSTM512} --matmul-precision bfloat16 --sample-length 0"
+
 EXPERIMENTS = {
     "gru_mnist1d": f"{_MNIST1D} --model gru:128 --steps 2000",
     "gru_mnist1d_autodiff": f"{_MNIST1D} --model gru:128 --steps 2000 --grad autodiff",
@@ -71,6 +80,23 @@ EXPERIMENTS = {
     # the test-set run of the recipe that won on validation (LSTM 2.020 vs GRU 2.038 val bpc), 2700
     # steps to stay within 15 minutes on this round's slower machine (~0.3 s per step)
     "lstm512_shakespeare_long": f"{_text(2700)} " + _LSTM512,
+    # bfloat16 matmul operands (float32 sums; jaxprop.core.matmul): the LSTM's step 1.5x faster on this
+    # round's CPU (AMX), so 5600 steps fit the 15 minutes; on validation 1.998 bpc (1000-step pilot: 2.1588
+    # against 2.1587 in float32)
+    "lstm512_bf16_shakespeare_val": (f"{_text(5600, 700)} --val-fraction 0.05 {_LSTM512} "
+                                     "--matmul-precision bfloat16 --sample-length 0"),
+    "lstm512_bf16_shakespeare_long": f"{_text(5600)} {_LSTM512} --matmul-precision bfloat16",
+    # recipe pilots for it on the validation split, 2000 steps each (about 5 minutes), seed 0: the learning
+    # rate (3e-3 / 6e-3 / 1e-2, cosine to a tenth), Adam's b2 0.99, and a 256-character context in the
+    # same characters (1000 steps; its validation windows are 256 long)
+    "lstm512_bf16_pilot": _BF16_PILOT,
+    "lstm512_bf16_pilot_lr6e-3": _lr(_BF16_PILOT, "6e-3"),
+    "lstm512_bf16_pilot_lr1e-2": _lr(_BF16_PILOT, "1e-2"),
+    "lstm512_bf16_pilot_b2": _BF16_PILOT + " --opt-args b2=0.99",
+    "lstm512_bf16_pilot_ctx256_lr6e-3": _lr(_BF16_PILOT, "6e-3").replace("--context 128", "--context 256").replace(
+        "--steps 2000 --clip-norm 1.0 --eval-every 1000", "--steps 1000 --clip-norm 1.0 --eval-every 1000"),
+    # the test-set run of the pilots' winner (6e-3: 2.043 val bpc against 2.057 at 3e-3)
+    "lstm512_bf16_shakespeare_long_lr6e-3": _lr(f"{_text(5600)} {_LSTM512} --matmul-precision bfloat16", "6e-3"),
     "gru512_drop_shakespeare_val": f"{_text(3800, 475)} --val-fraction 0.05 " + _GRU512.replace(
         "gru:512:emb=64", "gru:512:emb=64:drop=0.1"),
 }
