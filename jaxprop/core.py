@@ -387,8 +387,13 @@ def _rounds(a, b) -> bool:
 
 
 def _dot(a, b, ca, cb):
-    return jax.lax.dot_general(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), ((ca, cb), ((), ())),
-                               preferred_element_type=jnp.float32)
+    """The bfloat16 x bfloat16 -> float32 product, kept whole: without the
+    barrier XLA folds a consumer's transpose (``matmul(a, b).T``, the tied
+    head's dW^T) into the product, and XLA:CPU has no kernel for the folded
+    form ("Unsupported element type for DotThunk: BF16 x BF16 = F32")."""
+    out = jax.lax.dot_general(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), ((ca, cb), ((), ())),
+                              preferred_element_type=jnp.float32)
+    return jax.lax.optimization_barrier(out)
 
 
 def _bf16_matmuls() -> bool:

@@ -108,6 +108,44 @@ def test_jit_traces_again_when_the_setting_changes():
     assert rel_l2(rounded, plain) > 1e-4
 
 
+@pytest.mark.parametrize("form", list(FORMS))
+def test_a_transposed_result_runs_under_the_setting(form):
+    """A consumer that transposes the product (the tied head's dW^T, a user's
+    ``matmul(a, b).T``): XLA:CPU folds the transpose into the bfloat16 product
+    and then has no kernel for it ("Unsupported element type for DotThunk:
+    BF16 x BF16 = F32") unless the product is kept whole."""
+    fn, plain, args = FORMS[form]
+    x, w = args(*operands())
+    with BF16:
+        out = jax.jit(lambda x, w: fn(x, w).T + 1.0)(x, w)
+    assert rel_l2(out, plain(_rounded(x), _rounded(w)).T + 1.0) < 1e-6
+
+
+def test_a_gpt_with_a_tied_head_trains_under_the_setting():
+    """The runner's ``gpt:...:tied`` (head weight = embedding^T) under bfloat16
+    matmuls: its hand gradients are the float32 jax.grad's to bfloat16 rounding."""
+    from jaxprop.runner.models import build_model
+    net = build_model("gpt:1-16-2:tied", 20, vocab_size=20, context=8)
+    _, params = net.init(jax.random.key(0), (4, 8))
+    params = jp.cast_floating(params, jnp.float32)
+    ids = jax.random.randint(jax.random.key(1), (4, 8), 0, 20)
+    targets = jax.random.randint(jax.random.key(2), (4, 8), 0, 20)
+    loss = jp.softmax_cross_entropy()
+    with jax.default_matmul_precision("highest"):
+        ref = jax.jit(jax.grad(lambda p: loss.forward(jp.call_forward(net, p, ids)[0], targets)[0]))(params)
+    with BF16:
+        _, grads = jax.jit(jp.value_and_grad(net, loss))(params, ids, targets)
+    pairs = list(zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref)))
+    assert len(pairs) == 21
+    # each leaf within 3e-2 of its own norm; dJ/db_k is exactly 0 (softmax ignores a shift of a row's
+    # scores), so its floor is 1e-3 of the whole gradient's norm
+    total = np.sqrt(sum(np.sum(np.square(np.asarray(r, np.float64))) for _, r in pairs))
+    for g, r in pairs:
+        scale = max(np.linalg.norm(np.asarray(r, np.float64)), 1e-3 * total)
+        assert g.dtype == jnp.float32
+        assert np.linalg.norm(np.asarray(g, np.float64) - np.asarray(r, np.float64)) < 3e-2 * scale
+
+
 NETS = {  # small layers whose every matmul goes through jaxprop.core's functions; (N, T, D) inputs
     "dense": (lambda: jp.serial(jp.dense(24), jp.tanh(), jp.dense(5)), (16, 12)),
     "rnn": (lambda: jp.serial(jp.rnn(20), jp.dense(5)), (8, 6, 12)),
