@@ -351,9 +351,9 @@ def matmul(a, b):
 
     The layers' forward *and* hand-written backward products go through here
     and through :func:`matmul_nt` (``a @ b^T``, dX = dY W^T) and
-    :func:`matmul_tn` (``a^T @ b``, dW = X^T dY): dense and the recurrent
-    layers, so a step traced under the setting rounds the operands of all
-    three the same way.
+    :func:`matmul_tn` (``a^T @ b``, dW = X^T dY): dense, the recurrent
+    layers and attention's projections, so a step traced under the setting
+    rounds the operands of all three the same way.
     """
     if _rounds(a, b):
         return _dot(a, b, (a.ndim - 1,), (0,))

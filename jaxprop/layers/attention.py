@@ -78,7 +78,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxprop import initializers
-from jaxprop.core import Layer, check_float, check_input, check_same_shape, default_float
+from jaxprop.core import Layer, check_float, check_input, check_same_shape, default_float, matmul, matmul_nt, matmul_tn
 
 SAVE_MODES = ("probs", "lse")
 
@@ -301,7 +301,10 @@ def attention(heads: int, *, causal: bool = False, save: str = "probs", block_si
         half-precision inputs (bfloat16, float16) the matmuls take the input
         dtype and accumulate in float32, and the scores, softmax statistics
         (running max and sum, lse) and dQ are float32; P is cached in the
-        input dtype.
+        input dtype. Under ``jax.default_matmul_precision("bfloat16")`` the
+        four projections (forward and backward) take bfloat16 operands with
+        float32 sums (:func:`jaxprop.core.matmul`); the per-head score and
+        value products stay float32 (not faster in bfloat16 on XLA:CPU).
 
     Params: ``{"wq", "wk", "wv", "wo": (D, D), "bq", "bk", "bv", "bo": (D,)}``;
     the matrices start Glorot-uniform (as PyTorch's MultiheadAttention), the
@@ -346,7 +349,7 @@ def attention(heads: int, *, causal: bool = False, save: str = "probs", block_si
         if dim % heads:
             raise ValueError(f"{name}: heads={heads} must divide D={dim}")
         scale = 1.0 / math.sqrt(dim // heads)
-        q, k, v = (_heads(x @ params["w" + c] + _bias(params["b" + c], 3), heads) for c in "qkv")
+        q, k, v = (_heads(matmul(x, params["w" + c]) + _bias(params["b" + c], 3), heads) for c in "qkv")
         cache = {"x": x, "q": q, "k": k, "v": v,
                  "wq": wq, "wk": params["wk"], "wv": params["wv"], "wo": params["wo"]}
         if save == "probs" and by_query_blocks(x):
@@ -357,7 +360,7 @@ def attention(heads: int, *, causal: bool = False, save: str = "probs", block_si
             o, cache["lse"] = _lse_forward(q, k, v, causal, scale, block_size)
         oc = _merge(o)                                          # (N, T, D)
         cache["o"] = oc
-        return oc @ params["wo"] + _bias(params["bo"], 3), cache
+        return matmul(oc, params["wo"]) + _bias(params["bo"], 3), cache
 
     def backward(cache, dy):
         x, oc = cache["x"], cache["o"]
@@ -365,9 +368,9 @@ def attention(heads: int, *, causal: bool = False, save: str = "probs", block_si
         dim = x.shape[-1]
         scale = 1.0 / math.sqrt(dim // heads)
         x2, dy2 = x.reshape(-1, dim), dy.reshape(-1, dim)       # (M, D) rows, M = N T
-        grads = {"wo": oc.reshape(-1, dim).T @ dy2,             # forward was: y = Oc @ Wo + bo
+        grads = {"wo": matmul_tn(oc.reshape(-1, dim), dy2),     # forward was: y = Oc @ Wo + bo
                  "bo": dy2.sum(axis=0)}
-        do = _heads(dy @ cache["wo"].T, heads)                  # forward was: y = Oc @ Wo
+        do = _heads(matmul_nt(dy, cache["wo"]), heads)          # forward was: y = Oc @ Wo
         q, k, v, o = cache["q"], cache["k"], cache["v"], _heads(oc, heads)
         if save == "probs" and by_query_blocks(x):
             dq, dk, dv = _causal_probs_backward(q, k, v, o, cache["p"], do, scale, block_size)
@@ -378,9 +381,9 @@ def attention(heads: int, *, causal: bool = False, save: str = "probs", block_si
         dx = jnp.zeros_like(x)
         for c, dh in zip("qkv", (dq, dk, dv)):
             dc = _merge(dh)                                     # forward was: Q = x Wq + bq (etc.)
-            grads["w" + c] = x2.T @ dc.reshape(-1, dim)
+            grads["w" + c] = matmul_tn(x2, dc.reshape(-1, dim))
             grads["b" + c] = dc.reshape(-1, dim).sum(axis=0)
-            dx = dx + dc @ cache["w" + c].T                     # fan-out of x: the paths sum
+            dx = dx + matmul_nt(dc, cache["w" + c])             # fan-out of x: the paths sum
         return {w: grads[w] for w in ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo")}, dx
 
     return Layer(init, forward, backward, name=name)
