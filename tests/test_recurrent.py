@@ -232,6 +232,36 @@ def test_weight_gradients_summed_in_the_loop_match_autodiff(make, gates, monkeyp
     assert report.ok, str(report)
 
 
+@pytest.mark.parametrize("return_sequences, reverse", [(True, False), (False, True)], ids=["seq", "last_reverse"])
+@pytest.mark.parametrize("make, gates", RECURRENT)
+def test_the_input_projection_runs_inside_the_forward_loop(make, gates, return_sequences, reverse, monkeypatch):
+    """a_t = x_t W_ih + b_ih is computed in the forward scan's step: no product, and so no
+    (T, N, G H) array A, outside the loop (A cost a write and two reads of memory). The other placement
+    (``PROJECT_IN_LOOP = False``: A for all steps at once, before the scan) gives the same
+    output and gradients."""
+    import jaxprop.layers.recurrent as recurrent
+    n, t, d, h = 2, 5, 3, 4
+    layer = make(h, return_sequences=return_sequences, reverse=reverse)
+    _, params = layer.init(jax.random.key(0), (n, t, d))
+    params = jax.tree_util.tree_map(lambda v: v.astype(jnp.float64), params)
+    x = jax.random.normal(jax.random.key(1), (n, t, d), jnp.float64)
+    def products_outside_the_loop(lay):
+        jaxpr = jax.make_jaxpr(lambda p, xx: lay.forward(p, xx)[0])(params, x).jaxpr
+        return [e.outvars[0].aval.shape for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+
+    assert products_outside_the_loop(layer) == []
+    y, cache = layer.forward(params, x)
+    dy = jax.random.normal(jax.random.key(2), y.shape, jnp.float64)
+    grads, dx = layer.backward(cache, dy)
+    monkeypatch.setattr(recurrent, "PROJECT_IN_LOOP", False)
+    before = make(h, return_sequences=return_sequences, reverse=reverse)
+    assert products_outside_the_loop(before) == [(t, n, gates * h)]
+    y0, cache0 = before.forward(params, x)
+    grads0, dx0 = before.backward(cache0, dy)
+    for a, b in zip(jax.tree_util.tree_leaves((y, grads, dx)), jax.tree_util.tree_leaves((y0, grads0, dx0))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
+
+
 def test_scan_cache_keeps_weights_once():
     """Params are closed over by the forward scan, never stacked per step: the cache is the
     input, w_ih, the cell's params once, and 7 (T, N, H) arrays per LSTM step (h, c, i, f, g, o, tanh c)."""
