@@ -21,7 +21,12 @@ temporaries (the scan's stacked caches live there) and the total with arguments 
 inside its loop, both hand-written, reported as ``ratio_sum_after_over_in_loop``; the default
 placement (after when N < 64) is what the hand contestant runs.
 
-``--matmul-precision bfloat16`` traces both steps under ``jax.default_matmul_precision("bfloat16")``
+``--project-ab`` adds a paired A/B of the two placements of the input projection a_t = x_t W_ih + b_ih
+(``jaxprop.layers.recurrent.PROJECT_IN_LOOP``): inside the forward loop (the default, what the hand
+contestant runs) against for all steps at once before it, both hand-written, reported as
+``ratio_project_in_loop_over_before``.
+
+``--matmul-precision bfloat16`` traces every step under ``jax.default_matmul_precision("bfloat16")``
 (every matmul of the layers rounds its float32 operands to bfloat16 and sums in float32,
 ``jaxprop.core.matmul``) and adds a paired A/B of the hand step against the same step in float32,
 ``ratio_bfloat16_over_float32``.
@@ -48,6 +53,7 @@ from jaxprop import autodiff
 from jaxprop.layers.recurrent import gru, lstm, rnn
 
 scan_module = sys.modules["jaxprop.combinators.scan"]     # the package re-exports the function scan
+recurrent_module = sys.modules["jaxprop.layers.recurrent"]
 
 CELLS = {"gru": gru, "lstm": lstm, "rnn": rnn}
 
@@ -72,6 +78,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--sum-ab", action="store_true",
                     help="also time the weight-gradient sum after the sweep against in the loop")
+    ap.add_argument("--project-ab", action="store_true",
+                    help="also time the input projection inside the forward loop against before it")
     ap.add_argument("--matmul-precision", choices=("default", "bfloat16"), default="default",
                     help="bfloat16: both steps traced under jax.default_matmul_precision('bfloat16') "
                          "(jaxprop.core.matmul rounds the operands), plus a paired A/B of the hand step "
@@ -80,7 +88,10 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
 
-    net = jp.serial(CELLS[args.cell](args.hidden, return_sequences=False), jp.dense(10))
+    def build():
+        return jp.serial(CELLS[args.cell](args.hidden, return_sequences=False), jp.dense(10))
+
+    net = build()
     loss = jp.softmax_cross_entropy()
     tx = optax.adam(1e-3)
     rng = np.random.default_rng(0)
@@ -108,15 +119,25 @@ def main(argv=None):
     if bf16:                               # the hand step as it is without the setting
         step = jp.train.make_train_step(jp.value_and_grad(net, loss), tx, donate=False)
         compiled["hand_float32"] = step.lower(params, opt_state, x, y).compile()
+    def variant(module, attr, value, build=lambda: net):
+        """The hand step traced with ``module.attr = value`` (a new step function: jit would reuse the
+        first trace; ``build`` makes the network again when the setting is read at construction)."""
+        default = getattr(module, attr)
+        setattr(module, attr, value)
+        try:
+            step = jp.train.make_train_step(jp.value_and_grad(build(), loss), tx, donate=False)
+            with jax.default_matmul_precision("bfloat16") if bf16 else contextlib.nullcontext():
+                return step.lower(params, opt_state, x, y).compile()
+        finally:
+            setattr(module, attr, default)
+
     if args.sum_ab:                        # the same hand step traced with each placement of sum_grads
-        default = scan_module.SUM_AFTER_BELOW_BATCH
         for name, below in (("sum_after", 10 ** 9), ("sum_in_loop", 0)):
-            scan_module.SUM_AFTER_BELOW_BATCH = below
-            try:                           # a new step function: jit would reuse the first trace
-                step = jp.train.make_train_step(jp.value_and_grad(net, loss), tx, donate=False)
-                compiled[name] = step.lower(params, opt_state, x, y).compile()
-            finally:
-                scan_module.SUM_AFTER_BELOW_BATCH = default
+            compiled[name] = variant(scan_module, "SUM_AFTER_BELOW_BATCH", below)
+            report[f"memory_{name}"] = _memory(compiled[name])
+    if args.project_ab:                    # ... and with each placement of the input projection
+        for name, inside in (("project_in_loop", True), ("project_before", False)):
+            compiled[name] = variant(recurrent_module, "PROJECT_IN_LOOP", inside, build)
             report[f"memory_{name}"] = _memory(compiled[name])
 
     # same numbers first: the two steps are the same update
@@ -155,6 +176,10 @@ def main(argv=None):
     if args.sum_ab:
         ab_times, report["ratio_sum_after_over_in_loop"], report["ratio_sum_after_over_in_loop_iqr"] = \
             paired("sum_after", "sum_in_loop")
+        times.update(ab_times)
+    if args.project_ab:
+        ab_times, report["ratio_project_in_loop_over_before"], report["ratio_project_in_loop_over_before_iqr"] = \
+            paired("project_in_loop", "project_before")
         times.update(ab_times)
     for n, ts in times.items():
         report[f"step_ms_{n}"] = round(1e3 * statistics.median(ts), 3)

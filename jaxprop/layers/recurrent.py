@@ -21,13 +21,14 @@ Every layer is two parts:
    computed inside the forward loop, at the start of each step, so that A is
    never written to memory (``PROJECT_IN_LOOP``; before the loop, as one
    (T N, D) @ (D, G H) product, A costs a write and two reads of T N G H
-   floats). Measured on 2 CPU cores (training step, paired, same process):
-   0.89x the time for the bf16 LSTM 512 language model (N 32, T 128, D 64;
-   GRU 512: 0.89x; float32: 0.93x), 0.92-0.99x for rnn/gru/lstm(128) on
-   MNIST-1D (N 100, T 40, D 1), 0.87x for gru(256) at N 256, D 256, with
-   35-40% less temporary memory; one loss, 1.05x, for a float32 lstm(512)
-   at N 32 with D = 512 (small per-step products). The backward is the same
-   either way, with dA from the scan (dA[t] = da_t, each step's dx_t)::
+   floats). Measured on 2 CPU cores (hand training step, paired, same
+   process; ``python -m experiments.bench.rnn_bptt ... --project-ab``,
+   ``docs/performance.md``): 0.87x the time for lstm(512) with bfloat16
+   operands at N 32, T 128, D 64 (gru(512): 0.89x; float32: 0.95x),
+   0.93-0.99x for rnn/gru/lstm(128) on MNIST-1D (N 100, T 40, D 1), with
+   25-42% less temporary memory; one loss, 1.07x, for a float32 lstm(512)
+   at N 32 with D = 512 (slow small per-step products). The backward is the
+   same either way, with dA from the scan (dA[t] = da_t, each step's dx_t)::
 
        dW_ih = sum_t x_t^T da_t = X^T dA     (D, T N) @ (T N, G H)
        db_ih = sum_t sum_n da_t              (G H,)
