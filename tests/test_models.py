@@ -62,6 +62,8 @@ def test_specs_are_what_they_say():
     _, params = net.init(jax.random.key(0), (2, 128))
     assert params[0]["w"].shape == (V, 64) and params[1]["w"].shape == (128, 64)
     assert params[-1]["w"] == () and params[-1]["b"].shape == (V,)     # tied: the head keeps its bias only
+    assert build_model("lstm:8-6:emb=4:fbias=1", V, vocab_size=V).name == \
+        f"serial(embedding({V}, 4), lstm(8, forget_bias=1), lstm(6, forget_bias=1), dense({V}))"
     short = build_model("gpt:1-8-2:ctx=32", V, vocab_size=V, context=128)
     assert short.init(jax.random.key(0), (2, 16))[1][1]["w"].shape == (32, 8)
 
@@ -78,6 +80,8 @@ def test_specs_are_what_they_say():
     ("gru", {}, "give the hidden size"),
     ("lstm:8-x", {}, "integers"),
     ("gru:8:drop=1", {}, "drop= must be in"),
+    ("gru:8:fbias=1", {}, "unknown option 'fbias=1'"),
+    ("lstm:8:fbias=x", {}, "fbias= must be a number"),
 ])
 def test_bad_specs_are_value_errors(spec, kw, match):
     with pytest.raises(ValueError, match=match):

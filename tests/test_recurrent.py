@@ -76,6 +76,23 @@ def test_shapes_and_pytorch_init():
     assert jp.output_shape(bidirectional(gru(3), gru(2, reverse=True)), (4, 6, 2)) == (4, 6, 5)
 
 
+def test_lstm_forget_bias_shifts_only_the_forget_block_of_b_hh():
+    """jp.lstm(h, forget_bias=b): PyTorch's draw with b added to b_hh[H:2H] (the f block of i, f, g, o);
+    every other parameter is the same draw as forget_bias=0 from the same key."""
+    h, shape = 5, (2, 3, 4)
+    _, p0 = lstm(h).init(jax.random.key(0), shape)
+    _, p1 = lstm(h, forget_bias=1.0).init(jax.random.key(0), shape)
+    shift = np.zeros(4 * h)
+    shift[h:2 * h] = 1.0
+    np.testing.assert_allclose(np.asarray(p1["b_hh"] - p0["b_hh"]), shift, atol=1e-12)
+    for k in ("w_ih", "w_hh", "b_ih"):
+        np.testing.assert_array_equal(np.asarray(p1[k]), np.asarray(p0[k]))
+    assert lstm(h, forget_bias=1.0).name == "lstm(5, forget_bias=1)" and lstm(h).name == "lstm(5)"
+    for bad in (float("nan"), "1", True):
+        with pytest.raises(ValueError, match="forget_bias must be a finite number"):
+            lstm(h, forget_bias=bad)
+
+
 def test_reverse_and_last_state_semantics():
     """reverse=True reads x backwards, outputs in input order; the final state of a reverse
     layer is its output at t = 0, of a forward layer its output at t = T - 1."""

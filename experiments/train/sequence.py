@@ -103,6 +103,13 @@ EXPERIMENTS = {
     # steps (seed 0): no gain
     "lstm512_bf16_shakespeare_long_lr6e-3_6400": _lr(f"{_text(6400)} {_LSTM512} --matmul-precision bfloat16",
                                                      "6e-3"),
+    # the forget-gate bias at 1 at init (jp.lstm(forget_bias=1), Jozefowicz et al. 2015) against PyTorch's
+    # init, on the validation split, 6400 steps at lr 6e-3 (run side by side, one core each)
+    "lstm512_bf16_6400_val": _lr(f"{_text(6400, 800)} --val-fraction 0.05 {_LSTM512} --matmul-precision bfloat16 "
+                                 "--sample-length 0", "6e-3"),
+    "lstm512_bf16_6400_fbias1_val": _lr(f"{_text(6400, 800)} --val-fraction 0.05 {_LSTM512} --matmul-precision "
+                                        "bfloat16 --sample-length 0", "6e-3").replace("lstm:512:emb=64",
+                                                                                      "lstm:512:emb=64:fbias=1"),
     # dropout between layers for the bf16 LSTM: after 5600 steps its training-sample loss is 1.65 bpc against
     # 2.0 on validation, so regularise; rates 0.1 and 0.2 at the pilots' winning lr, on the validation split.
     # Measured (run side by side, one core each): val 2.018 (0.1) and 2.014 (0.2), against 1.998 without

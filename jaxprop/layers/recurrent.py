@@ -399,7 +399,8 @@ def gru(hidden: int, *, return_sequences: bool = True, reverse: bool = False) ->
     return _recurrent("gru", hidden, cell, 3, return_sequences, reverse)
 
 
-def lstm(hidden: int, *, return_sequences: bool = True, reverse: bool = False) -> Layer:
+def lstm(hidden: int, *, return_sequences: bool = True, reverse: bool = False,
+         forget_bias: float = 0.0) -> Layer:
     r"""LSTM, PyTorch's ``nn.LSTM(D, H, batch_first=True)``; gate blocks (i, f, g, o)::
 
         [s^i, s^f, s^g, s^o] = x_t W_ih + b_ih + h_{t-1} W_hh + b_hh     (N, 4H)
@@ -414,10 +415,27 @@ def lstm(hidden: int, *, return_sequences: bool = True, reverse: bool = False) -
     :func:`lstm_cell`; dW_ih = sum_t x_t^T ds_t (D, 4H), dW_hh = sum_t
     h_{t-1}^T ds_t (H, 4H), db_ih = db_hh = sum_{t,n} ds_t, dx_t = ds_t W_ih^T.
 
-    Args: as :func:`rnn` (no activation).
+    Args: as :func:`rnn` (no activation), and
+      forget_bias: added at init to the forget block of ``b_hh`` (on top of
+        PyTorch's uniform draw), so that early in training f = sigma(s^f) starts
+        near sigma(forget_bias) and the cell keeps its state (Gers et al. 2000;
+        Jozefowicz et al. 2015 recommend 1; Keras's ``unit_forget_bias``).
+        Default 0: PyTorch's initialization exactly.
     """
+    if not isinstance(forget_bias, (int, float)) or isinstance(forget_bias, bool) or not math.isfinite(forget_bias):
+        raise ValueError(f"lstm: forget_bias must be a finite number, got {forget_bias!r}")
     cell = lstm_cell(hidden) if isinstance(hidden, int) else None
-    return _recurrent("lstm", hidden, cell, 4, return_sequences, reverse)
+    layer = _recurrent("lstm", hidden, cell, 4, return_sequences, reverse,
+                       f", forget_bias={forget_bias:g}" if forget_bias else "")
+    if not forget_bias:
+        return layer
+
+    def init(key, in_shape):
+        out_shape, params = layer.init(key, in_shape)
+        b = params["b_hh"]
+        return out_shape, dict(params, b_hh=b.at[hidden:2 * hidden].add(jnp.asarray(forget_bias, b.dtype)))
+
+    return layer._replace(init=init)
 
 
 def bidirectional(fwd: Layer, bwd: Layer) -> Layer:

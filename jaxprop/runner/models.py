@@ -11,6 +11,7 @@ and the builder parses ``ARGS`` itself::
     gru:256:emb=64               text (N, T) ids: embedding(V, 64), gru(256) every step -> dense(V)
     lstm:256, rnn:128:relu       the same with lstm / rnn cells; gru:256-256 stacks two
     gru:512:emb=64:drop=0.1      dropout after the embedding and each recurrent layer
+    lstm:512:emb=64:fbias=1      forget-gate bias 1 at init (jp.lstm(forget_bias=1))
     gpt:2-64-4:tied              text: a GPT of 2 blocks, width 64, 4 heads (see :func:`gpt`)
 
 ``build_model(spec, n_outputs, vocab_size=None, context=None)`` returns a
@@ -215,7 +216,7 @@ def _recurrent_model(family: str, args: str, n_outputs: int, vocab_size: Optiona
     act = "tanh"
     if family == "rnn" and rest and "=" not in rest[0]:
         act, rest = rest[0], rest[1:]
-    opts = _options(family, rest, ("emb", "in", "drop"))
+    opts = _options(family, rest, ("emb", "in", "drop") + (("fbias",) if family == "lstm" else ()))
     rate = float(opts.get("drop", 0.0))
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"model {family}: drop= must be in [0, 1), got {rate}")
@@ -228,7 +229,7 @@ def _recurrent_model(family: str, args: str, n_outputs: int, vocab_size: Optiona
             raise ValueError(f"model {family}: in= is for signals; a text data set feeds token ids")
         layers = dropped(embedding(vocab_size, int(opts.get("emb", 64))))
         for h in hidden:
-            layers += dropped(make_cell(h, act, True))
+            layers += dropped(make_cell(h, act, True, opts))
     else:                                        # signals (N, L[, F]) -> (N, T, F) -> cells -> last state
         if "emb" in opts:
             raise ValueError(f"model {family}: emb= needs a text data set (token ids); this one has "
@@ -241,7 +242,7 @@ def _recurrent_model(family: str, args: str, n_outputs: int, vocab_size: Optiona
             raise ValueError(f"model {family}: in= must give (time, features), got {in_shape}")
         layers = [reshape.reshape(in_shape)]
         for i, h in enumerate(hidden):
-            layers += dropped(make_cell(h, act, i + 1 < len(hidden)))
+            layers += dropped(make_cell(h, act, i + 1 < len(hidden), opts))
     layers.append(dense(n_outputs, w_init="glorot"))
     return serial(*layers)
 
@@ -261,20 +262,26 @@ def gru(args: str, n_outputs: int, vocab_size: Optional[int] = None) -> Layer:
       recurrent state), so in training only; default 0, none.
     """
     return _recurrent_model("gru", args, n_outputs, vocab_size,
-                            lambda h, act, seq: gru_layer(h, return_sequences=seq))
+                            lambda h, act, seq, opts: gru_layer(h, return_sequences=seq))
 
 
 def lstm(args: str, n_outputs: int, vocab_size: Optional[int] = None) -> Layer:
-    """``lstm:H[-H2...][:emb=E][:in=TxF][:drop=R]``: as :func:`gru` with LSTM layers."""
-    return _recurrent_model("lstm", args, n_outputs, vocab_size,
-                            lambda h, act, seq: lstm_layer(h, return_sequences=seq))
+    """``lstm:H[-H2...][:emb=E][:in=TxF][:drop=R][:fbias=B]``: as :func:`gru` with LSTM layers;
+    ``fbias=B`` adds B to each layer's forget-gate bias at init (``jp.lstm(forget_bias=B)``)."""
+    def make(h, act, seq, opts):
+        try:
+            fbias = float(opts.get("fbias", 0.0))
+        except ValueError:
+            raise ValueError(f"model lstm: fbias= must be a number, got {opts['fbias']!r}") from None
+        return lstm_layer(h, return_sequences=seq, forget_bias=fbias)
+    return _recurrent_model("lstm", args, n_outputs, vocab_size, make)
 
 
 def rnn(args: str, n_outputs: int, vocab_size: Optional[int] = None) -> Layer:
     """``rnn:H[-H2...][:tanh|relu][:emb=E][:in=TxF][:drop=R]``: as :func:`gru` with
     Elman RNN layers (activation tanh by default)."""
     return _recurrent_model("rnn", args, n_outputs, vocab_size,
-                            lambda h, act, seq: rnn_layer(h, activation=act, return_sequences=seq))
+                            lambda h, act, seq, opts: rnn_layer(h, activation=act, return_sequences=seq))
 
 
 def _normal(key, a, std):
