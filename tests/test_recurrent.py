@@ -262,6 +262,7 @@ def test_the_input_projection_runs_inside_the_forward_loop(make, gates, return_s
     _, params = layer.init(jax.random.key(0), (n, t, d))
     params = jax.tree_util.tree_map(lambda v: v.astype(jnp.float64), params)
     x = jax.random.normal(jax.random.key(1), (n, t, d), jnp.float64)
+
     def products_outside_the_loop(lay):
         jaxpr = jax.make_jaxpr(lambda p, xx: lay.forward(p, xx)[0])(params, x).jaxpr
         return [e.outvars[0].aval.shape for e in jaxpr.eqns if e.primitive.name == "dot_general"]

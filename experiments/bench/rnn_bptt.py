@@ -81,7 +81,7 @@ def main(argv=None):
     ap.add_argument("--project-ab", action="store_true",
                     help="also time the input projection inside the forward loop against before it")
     ap.add_argument("--matmul-precision", choices=("default", "bfloat16"), default="default",
-                    help="bfloat16: both steps traced under jax.default_matmul_precision('bfloat16') "
+                    help="bfloat16: every step traced under jax.default_matmul_precision('bfloat16') "
                          "(jaxprop.core.matmul rounds the operands), plus a paired A/B of the hand step "
                          "against itself in float32 (ratio_bfloat16_over_float32)")
     ap.add_argument("--tag", default="")
@@ -119,6 +119,7 @@ def main(argv=None):
     if bf16:                               # the hand step as it is without the setting
         step = jp.train.make_train_step(jp.value_and_grad(net, loss), tx, donate=False)
         compiled["hand_float32"] = step.lower(params, opt_state, x, y).compile()
+
     def variant(module, attr, value, build=lambda: net):
         """The hand step traced with ``module.attr = value`` (a new step function: jit would reuse the
         first trace; ``build`` makes the network again when the setting is read at construction)."""

@@ -293,7 +293,10 @@ def _recurrent(kind, hidden, cell, gates, return_sequences, reverse, name_extra=
     opts = name_extra + ("" if return_sequences else ", return_sequences=False") + \
         (", reverse=True" if reverse else "")
     name = f"{kind}({hidden}{opts})"
-    core = scan(cell, return_sequences=return_sequences, reverse=reverse, time_major=True, name=name)
+    def over_time(c):                                  # the scan of cell c, time-major (T, N, ...)
+        return scan(c, return_sequences=return_sequences, reverse=reverse, time_major=True, name=name)
+
+    core = over_time(cell)                             # init, backward, and the forward on A
     gh = gates * hidden
 
     def init(key, in_shape):
@@ -322,13 +325,13 @@ def _recurrent(kind, hidden, cell, gates, return_sequences, reverse, name_extra=
                              f"got shape {tuple(jnp.shape(x))}")
         check_input(name, x, dtype=dt)
         xs = jnp.moveaxis(x, 1, 0)                    # (T, N, D): time-major
-        if project_in_loop:
-            looped = scan(_projected(cell, matmul_operands(w_ih), _row(params["b_ih"], 2)),
-                          return_sequences=return_sequences, reverse=reverse, time_major=True, name=name)
-            y, c_core = looped.forward({"w_hh": params["w_hh"], "b_hh": params["b_hh"]}, xs)
+        p_core = {"w_hh": params["w_hh"], "b_hh": params["b_hh"]}
+        if project_in_loop:                           # the same caches as core's: core.backward runs them
+            looped = over_time(_projected(cell, matmul_operands(w_ih), _row(params["b_ih"], 2)))
+            y, c_core = looped.forward(p_core, xs)
         else:
             a = matmul(xs, w_ih) + _row(params["b_ih"], 3)   # (T, N, G H), so the big array is never transposed
-            y, c_core = core.forward({"w_hh": params["w_hh"], "b_hh": params["b_hh"]}, a)
+            y, c_core = core.forward(p_core, a)
         if return_sequences:
             y = jnp.moveaxis(y, 0, 1)                 # (T, N, H) -> (N, T, H)
         return y, {"xs": xs, "w_ih": w_ih, "core": c_core}
