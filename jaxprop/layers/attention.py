@@ -349,9 +349,12 @@ def attention(heads: int, *, causal: bool = False, save: str = "probs", block_si
         if dim % heads:
             raise ValueError(f"{name}: heads={heads} must divide D={dim}")
         scale = 1.0 / math.sqrt(dim // heads)
-        q, k, v = (_heads(matmul(x, params["w" + c]) + _bias(params["b" + c], 3), heads) for c in "qkv")
-        cache = {"x": x, "q": q, "k": k, "v": v,
-                 "wq": wq, "wk": params["wk"], "wv": params["wv"], "wo": params["wo"]}
+        # the three projections as one (M, D) @ (D, 3D) product: one pass over x, a wider GEMM
+        w_qkv = jnp.concatenate([params["wq"], params["wk"], params["wv"]], axis=1)
+        b_qkv = jnp.concatenate([params["bq"], params["bk"], params["bv"]])
+        qkv = matmul(x, w_qkv) + _bias(b_qkv, 3)
+        q, k, v = (_heads(a, heads) for a in jnp.split(qkv, 3, axis=-1))
+        cache = {"x": x, "q": q, "k": k, "v": v, "w_qkv": w_qkv, "wo": params["wo"]}
         if save == "probs" and by_query_blocks(x):
             o, cache["p"] = _causal_probs_forward(q, k, v, scale, block_size)
         elif save == "probs":
@@ -378,12 +381,13 @@ def attention(heads: int, *, causal: bool = False, save: str = "probs", block_si
             dq, dk, dv = _probs_backward(q, k, v, o, cache["p"], do, scale)
         else:
             dq, dk, dv = _lse_backward(q, k, v, o, cache["lse"], do, causal, scale, block_size)
-        dx = jnp.zeros_like(x)
-        for c, dh in zip("qkv", (dq, dk, dv)):
-            dc = _merge(dh)                                     # forward was: Q = x Wq + bq (etc.)
-            grads["w" + c] = matmul_tn(x2, dc.reshape(-1, dim))
-            grads["b" + c] = dc.reshape(-1, dim).sum(axis=0)
-            dx = dx + matmul_nt(dc, cache["w" + c])             # fan-out of x: the paths sum
+        # forward was: [Q K V] = x [Wq Wk Wv] + [bq bk bv], so with dC = [dQc dKc dVc] (M, 3D):
+        # [dWq dWk dWv] = x^T dC, [dbq dbk dbv] = sum_M dC, dx = dC [Wq Wk Wv]^T (x fans out to
+        # the three projections: their paths sum inside this one product)
+        dc = jnp.concatenate([_merge(dh) for dh in (dq, dk, dv)], axis=-1).reshape(-1, 3 * dim)
+        for c, dw, db in zip("qkv", jnp.split(matmul_tn(x2, dc), 3, axis=1), jnp.split(dc.sum(axis=0), 3)):
+            grads["w" + c], grads["b" + c] = dw, db
+        dx = matmul_nt(dc, cache["w_qkv"]).reshape(x.shape)
         return {w: grads[w] for w in ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo")}, dx
 
     return Layer(init, forward, backward, name=name)
