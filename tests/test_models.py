@@ -18,7 +18,7 @@ from helpers import init_params
 V, T = 7, 6
 SIGNAL_SPECS = ["gru:6", "lstm:5-4", "rnn:5:relu", "gru:4:in=5x2"]
 TEXT_SPECS = ["gru:6:emb=4", "gru:6-5:emb=4:drop=0.3", "lstm:5:emb=3", "rnn:4:tanh:emb=3", "gpt:2-8-2",
-              "gpt:2-8-2:tied", "gpt:2-8-4:tied:save=lse:remat", "gpt:2-8-2:scan:tied"]
+              "gpt:2-8-2:tied", "gpt:2-8-4:tied:save=lse:remat", "gpt:2-8-2:scan:tied", "gpt:2-8-2:tied:block=2"]
 # jitted: the layers inside are checked eagerly by the registry (tests/test_layers.py); an eager scan
 # compiles on every call
 DTYPES = [pytest.param(jnp.float64, True, id="float64-jit"), pytest.param(jnp.float32, True, id="float32-jit")]
@@ -64,6 +64,8 @@ def test_specs_are_what_they_say():
     assert params[-1]["w"] == () and params[-1]["b"].shape == (V,)     # tied: the head keeps its bias only
     assert build_model("lstm:8-6:emb=4:fbias=1", V, vocab_size=V).name == \
         f"serial(embedding({V}, 4), lstm(8, forget_bias=1), lstm(6, forget_bias=1), dense({V}))"
+    assert build_model("gpt:2-64-4:block=32", V, vocab_size=V, context=128).name == \
+        "gpt(2-64-4, save=probs, block=32, ctx=128)"
     short = build_model("gpt:1-8-2:ctx=32", V, vocab_size=V, context=128)
     assert short.init(jax.random.key(0), (2, 16))[1][1]["w"].shape == (32, 8)
 
@@ -74,6 +76,8 @@ def test_specs_are_what_they_say():
     ("gpt:2-64", dict(vocab_size=V, context=8), "L-D-H"),
     ("gpt:2-64-4:fast", dict(vocab_size=V, context=8), "unknown option"),
     ("gpt:2-64-4", dict(vocab_size=V), "context length is unknown"),
+    ("gpt:2-64-4:block=0", dict(vocab_size=V, context=8), "block= must be a positive integer"),
+    ("gpt:2-64-4:block=x", dict(vocab_size=V, context=8), "block= must be a positive integer"),
     ("mlp:10", dict(vocab_size=V), "does not take token ids"),
     ("gru:8:emb=4", {}, "needs a text data set"),
     ("gru:8:in=5x2", dict(vocab_size=V), "in= is for signals"),

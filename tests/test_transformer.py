@@ -11,6 +11,7 @@ from jaxprop.layers.attention import attention
 from jaxprop.layers.dense import dense
 from jaxprop.layers.norm import layer_norm
 from jaxprop.layers.transformer import transformer_block
+from helpers import init_params
 
 # Registry entries (transformer_block, transformer_block_lse) are in jaxprop.testing.CASES.
 
@@ -46,10 +47,29 @@ def test_block_is_its_composition_and_save_modes_agree():
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
+def test_block_size_reaches_the_attention():
+    """transformer_block(block_size=B) is attention(block_size=B) inside: at T = 7 > B = 2 the
+    causal save="probs" cache holds P by query blocks (the first one (N, H, 2, 2)), with the same
+    output and gradients as the default's single (N, H, 7, 7) P."""
+    shape = (2, 7, 6)
+    x = jax.random.normal(jax.random.key(1), shape, jnp.float64)
+    dy = jax.random.normal(jax.random.key(2), shape, jnp.float64)
+    outs, p_shapes = [], []
+    for block in (transformer_block(3, mlp_ratio=2), transformer_block(3, mlp_ratio=2, block_size=2)):
+        _, params = init_params(block, jax.random.key(0), shape)
+        y, cache = block.forward(params, x)
+        outs.append((y, block.backward(cache, dy)))
+        p_shapes.append({np.shape(a) for a in jax.tree_util.tree_leaves(cache) if np.ndim(a) == 4})
+    assert (2, 3, 7, 7) in p_shapes[0] and (2, 3, 2, 2) not in p_shapes[0]
+    assert (2, 3, 2, 2) in p_shapes[1] and (2, 3, 7, 7) not in p_shapes[1]
+    for a, b in zip(jax.tree_util.tree_leaves(outs[0]), jax.tree_util.tree_leaves(outs[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_block_errors():
     with pytest.raises(ValueError, match="heads=3 must divide"):
         transformer_block(3).init(jax.random.key(0), (2, 4, 8))
-    for bad in (dict(save="x"), dict(mlp_ratio=0)):
+    for bad in (dict(save="x"), dict(mlp_ratio=0), dict(block_size=0)):
         with pytest.raises(ValueError, match="transformer_block"):
             transformer_block(2, **bad)
 

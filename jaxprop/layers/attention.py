@@ -288,6 +288,15 @@ def attention(heads: int, *, causal: bool = False, save: str = "probs", block_si
         dWq = x^T dQc (D, D), dbq = sum_{N,T} dQc (D,) (same for k, v);  dWo = Oc^T dy, dbo = sum dy
         dx = dQc Wq^T + dKc Wk^T + dVc Wv^T   (N, T, D)
 
+    The three input projections run as one product with the weights side by
+    side, [Q K V] = x [Wq Wk Wv] + [bq bk bv] ((M, D) @ (D, 3D), M = N T), so
+    the backward has one [dWq dWk dWv] = x^T [dQc dKc dVc] and one
+    dx = [dQc dKc dVc] [Wq Wk Wv]^T (the sum over the three paths inside the
+    product). The params stay separate; the (D, 3D) copy is made per call.
+    Measured on 2 CPU cores (``experiments.bench.lm_step``, bfloat16
+    operands, batch 32, context 128): the gpt:4-128-4 training step 156
+    against 167 ms, gpt:3-96-4 97 against 108 ms.
+
     Args:
       heads: H, must divide D (a ``ValueError`` at init otherwise).
       causal: position i attends to positions j <= i only.

@@ -11,7 +11,8 @@ from jaxprop.layers.dense import dense
 from jaxprop.layers.norm import layer_norm
 
 
-def transformer_block(heads: int, *, mlp_ratio: int = 4, causal: bool = True, save: str = "probs") -> Layer:
+def transformer_block(heads: int, *, mlp_ratio: int = 4, causal: bool = True, save: str = "probs",
+                      block_size: int = 128) -> Layer:
     r"""Pre-LN transformer block ``(N, T, D) -> (N, T, D)`` (GPT-2, Radford et al. 2019).
 
     Forward::
@@ -21,7 +22,8 @@ def transformer_block(heads: int, *, mlp_ratio: int = 4, causal: bool = True, sa
 
     It is built from existing layers, so its backward is theirs, composed::
 
-        serial(residual(serial(layer_norm(), attention(heads, causal=causal, save=save))),
+        serial(residual(serial(layer_norm(), attention(heads, causal=causal, save=save,
+                                                       block_size=block_size))),
                residual(serial(layer_norm(), dense(mlp_ratio D), gelu(approximate=True), dense(D))))
 
     ``serial`` runs the reverse sweep and each ``residual`` adds the gradient of
@@ -35,6 +37,8 @@ def transformer_block(heads: int, *, mlp_ratio: int = 4, causal: bool = True, sa
       mlp_ratio: hidden width of the MLP as a multiple of D.
       causal: causal attention mask (default True: a language model's block).
       save: attention's cache, ``"probs"`` or ``"lse"`` (see :func:`attention`).
+      block_size: attention's ``block_size``: the key blocks of ``save="lse"``,
+        and for a causal ``save="probs"`` the query blocks when T > block_size.
 
     Params: ``((ln1, attn), (ln2, fc, (), proj))``: ln* ``{"scale", "offset"}`` (D,),
     attn ``{"wq", "wk", "wv", "wo": (D, D), "bq", "bk", "bv", "bo": (D,)}``,
@@ -44,12 +48,15 @@ def transformer_block(heads: int, *, mlp_ratio: int = 4, causal: bool = True, sa
         raise ValueError(f"transformer_block: mlp_ratio must be a positive int, got {mlp_ratio!r}")
     if save not in SAVE_MODES:
         raise ValueError(f"transformer_block: save must be 'probs' or 'lse', got {save!r}")
-    attention(heads)                                           # validates heads
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(f"transformer_block: block_size must be a positive int, got {block_size!r}")
+    attention(heads, block_size=block_size)                    # validates heads and block_size
     name = f"transformer_block({heads}, mlp_ratio={mlp_ratio}{', causal' if causal else ''}, save={save})"
 
     @functools.lru_cache(maxsize=None)
     def net(dim):
-        return serial(residual(serial(layer_norm(), attention(heads, causal=causal, save=save))),
+        return serial(residual(serial(layer_norm(), attention(heads, causal=causal, save=save,
+                                                              block_size=block_size))),
                       residual(serial(layer_norm(), dense(mlp_ratio * dim), gelu(approximate=True),
                                       dense(dim))))
 
