@@ -50,7 +50,7 @@ def transformer_block(heads: int, *, mlp_ratio: int = 4, causal: bool = True, sa
         raise ValueError(f"transformer_block: save must be 'probs' or 'lse', got {save!r}")
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
         raise ValueError(f"transformer_block: block_size must be a positive int, got {block_size!r}")
-    attention(heads, block_size=block_size)                    # validates heads and block_size
+    attention(heads)                                           # validates heads
     name = f"transformer_block({heads}, mlp_ratio={mlp_ratio}{', causal' if causal else ''}, save={save})"
 
     @functools.lru_cache(maxsize=None)

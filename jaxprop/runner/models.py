@@ -349,12 +349,10 @@ def gpt(args: str, n_outputs: int, vocab_size: Optional[int] = None, context: Op
         raise ValueError("model gpt: the context length is unknown; pass ctx=T in the spec or build it "
                          "with context=T")
     save = opts.get("save", "probs")
-    try:
-        block_size = int(opts.get("block", 128))
-    except ValueError:
-        block_size = 0
-    if block_size < 1:
-        raise ValueError(f"model gpt: block= must be a positive integer, got {opts['block']!r}")
+    block_arg = opts.get("block", "128")
+    if not block_arg.isdigit() or int(block_arg) < 1:
+        raise ValueError(f"model gpt: block= must be a positive integer, got {block_arg!r}")
+    block_size = int(block_arg)
     block = transformer_block(heads, mlp_ratio=int(opts.get("mlp", 4)), causal=True, save=save,
                               block_size=block_size)
     if "remat" in flags:
