@@ -114,6 +114,48 @@ def _sweep(net, loss, params, x, y, where, ctx):
     return n, value, dpred, cache
 
 
+def _check_chunk_size(who, chunk_size):
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
+        raise ValueError(f"{who}: chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def _chunks(who, net, x, y, where, ctx, chunk_size):
+    """Split the batch for a sequential sweep over chunks of ``chunk_size`` examples:
+    ``(n, k, head, tail)`` with ``head = (xs, ys)`` of leading axes (k, chunk_size)
+    for ``lax.map`` / ``lax.scan`` and ``tail = (x, y)`` of the last N - k chunk_size
+    examples (``None`` when the chunks tile the batch).
+
+    Exact, for a network that does not mix examples: example n's l_n, its dY
+    rows and so its gradient are the same whichever examples share its chunk
+    (dvalue = chunk size per chunk, as :func:`_sweep`). Refused where that
+    is not so: ``where=`` (the loss divides by the count of the whole batch's
+    positions, which a chunk does not see), a ``key`` (dropout would draw other
+    masks per chunk), and a net with state in training (batch norm mixes the
+    examples anyway)."""
+    if where is not None:
+        raise ValueError(f"{who}: chunk_size with where= is not supported (the loss normalizes by the "
+                         "count over the whole batch); pass chunk_size=None")
+    if "key" in ctx:
+        raise ValueError(f"{who}: chunk_size with a key (dropout) is not supported: each chunk would draw "
+                         "other masks than the whole batch; pass chunk_size=None")
+    if net.stateful and ctx.get("train", True):
+        raise PerExampleUnsupported(f"{net.name}: a network with state in training mode (batch norm) mixes the "
+                                    "examples of a batch, so it has no per-example gradients; use group_norm")
+    n = _batch_size(x)
+    k = n // chunk_size
+
+    def split(a):
+        return jax.tree_util.tree_map(lambda v: v[:k * chunk_size].reshape((k, chunk_size) + v.shape[1:]), a)
+
+    def rest(a):
+        return jax.tree_util.tree_map(lambda v: v[k * chunk_size:], a)
+
+    head = (split(x), split(y)) if k else None
+    tail = (rest(x), rest(y)) if n % chunk_size else None
+    return n, k, head, tail
+
+
 def _check_per_example(name, grads, params, n):
     """Per-example grads: params' structure, every leaf (N,) + its parameter's shape and dtype."""
     g_def, p_def = jax.tree_util.tree_structure(grads), jax.tree_util.tree_structure(params)
@@ -148,18 +190,38 @@ def per_example_grads(net: Layer, loss: Loss):
     return f
 
 
-def per_example_grad_norms(net: Layer, loss: Loss):
+def per_example_grad_norms(net: Layer, loss: Loss, *, chunk_size: int | None = None):
     """Return ``f(params, x, y, *, where=None, **ctx) -> norms`` (N,): the global
     L2 norm of each example's gradient over all parameters,
     ``sqrt(sum_leaves ||g_n||^2)``, from each layer's norms rule -- no
     (N, I, O) array for a dense layer (||x_n||^2 ||dy_n||^2, or the Gram form
-    for sequences), see the module docstring."""
-    _check(net, loss, "per_example_grad_norms")
+    for sequences), see the module docstring.
 
-    def f(params, x, y, *, where=None, **ctx):
+    ``chunk_size``: run the forward and the norms sweep over the batch in
+    sequential chunks of that many examples (a ``lax.map``; the last chunk
+    takes the remainder), so that only one chunk's caches are alive at a
+    time: temporary memory falls about as N / chunk_size, at some loss of
+    speed (smaller products, a loop). The same norms (to rounding) for a
+    network that does not mix examples; not with ``where=`` or a dropout
+    ``key`` (a ValueError). ``None`` (default): the whole batch at once."""
+    _check(net, loss, "per_example_grad_norms")
+    _check_chunk_size("per_example_grad_norms", chunk_size)
+
+    def norms(params, x, y, where, ctx):
         _, _, dpred, cache = _sweep(net, loss, params, x, y, where, ctx)
         sq, _ = call_per_example_norms(net, cache, dpred)
         return jnp.sqrt(sq)
+
+    def f(params, x, y, *, where=None, **ctx):
+        if chunk_size is None:
+            return norms(params, x, y, where, ctx)
+        _, k, head, tail = _chunks("per_example_grad_norms", net, x, y, where, ctx, chunk_size)
+        parts = []
+        if head is not None:
+            parts.append(jax.lax.map(lambda xy: norms(params, xy[0], xy[1], None, ctx), head).reshape(-1))
+        if tail is not None:
+            parts.append(norms(params, tail[0], tail[1], None, ctx))
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
     return f
 
@@ -170,19 +232,52 @@ def clip_factors(norms, l2_clip):
     return jnp.nan_to_num(jnp.minimum(l2_clip / norms, 1.0), nan=1.0)
 
 
-def _clipped_sum(net, loss, l2_clip, params, x, y, where, ctx):
+def _clipped_sum(net, loss, l2_clip, params, x, y, where, ctx, chunk_size=None):
     """``(n, value, sum_n c_n g_n, cache)``: the norms sweep, then one backward with
-    dpred's rows scaled by c_n (module docstring: the clip factors as loss weights)."""
-    n, value, dpred, cache = _sweep(net, loss, params, x, y, where, ctx)
+    dpred's rows scaled by c_n (module docstring: the clip factors as loss weights).
+    With ``chunk_size``, chunk by chunk (:func:`_chunks`): a ``lax.scan`` adds the
+    chunks' clipped sums, the value is the size-weighted mean of theirs, and
+    ``cache`` is ``None`` (the net has no state to update: :func:`_chunks`)."""
+    if chunk_size is None:
+        n, value, dpred, cache = _sweep(net, loss, params, x, y, where, ctx)
+        return (n, value, _reweighted_backward(net, l2_clip, params, dpred, cache), cache)
+    n, k, head, tail = _chunks("the clipped gradient", net, x, y, where, ctx, chunk_size)
+
+    def one(xc, yc):
+        m, value, dpred, cache = _sweep(net, loss, params, xc, yc, None, ctx)
+        return value * m, _reweighted_backward(net, l2_clip, params, dpred, cache)
+
+    def body(carry, xy):
+        v, g = one(*xy)
+        return jax.tree_util.tree_map(jnp.add, carry, (v, g)), None
+
+    parts = []
+    if head is not None:
+        v0, g0 = jax.eval_shape(one, jax.tree_util.tree_map(lambda a: a[0], head[0]),
+                                jax.tree_util.tree_map(lambda a: a[0], head[1]))
+        zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), (v0, g0))
+        parts.append(jax.lax.scan(body, zeros, head)[0])
+    if tail is not None:
+        parts.append(one(*tail))
+    value, total = parts[0] if len(parts) == 1 else jax.tree_util.tree_map(jnp.add, *parts)
+    return n, value / n, total, None
+
+
+def _reweighted_backward(net, l2_clip, params, dpred, cache):
+    """sum_n c_n g_n: the norms rule gives c, then one backward of c * dpred."""
+    n = dpred.shape[0]
     sq, _ = call_per_example_norms(net, cache, dpred)
     c = clip_factors(jnp.sqrt(sq), l2_clip).astype(dpred.dtype)
     total, _ = net.backward(cache, dpred * c.reshape((n,) + (1,) * (dpred.ndim - 1)))
     check_grads(net.name, total, params)
-    return n, value, total, cache
+    return total
 
 
 def _result(net, value, grads, cache, ctx):
-    """(value, grads), or ((value, state), grads) for a net with state, as jp.value_and_grad."""
+    """(value, grads), or ((value, state), grads) for a net with state, as jp.value_and_grad
+    (``cache`` None: a chunked sweep, in evaluation mode, leaves the state alone)."""
+    if net.stateful and cache is None:
+        return (value, ctx["state"]), grads
     if net.stateful:
         return (value, next_state(net, ctx["state"], cache, train=ctx.get("train", True))), grads
     return value, grads
@@ -196,17 +291,20 @@ def _check_clip(who, l2_clip, noise_multiplier=0.0):
         raise ValueError(f"{who}: noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
 
 
-def clipped_value_and_grad(net: Layer, loss: Loss, l2_clip):
+def clipped_value_and_grad(net: Layer, loss: Loss, l2_clip, *, chunk_size: int | None = None):
     """Return ``f(params, x, y, *, where=None, **ctx) -> (J, (1/N) sum_n c_n g_n)``:
     DP-SGD's clipped mean without the noise (c_n = :func:`clip_factors`), in
     the call shape of :func:`jaxprop.value_and_grad` (so a train step takes
     it; the runner adds the noise with :func:`dp_noise` in the optimizer).
-    J is the ordinary (unclipped) batch loss."""
+    J is the ordinary (unclipped) batch loss. ``chunk_size``: the sweep over
+    sequential chunks of the batch, as :func:`per_example_grad_norms`'s (less
+    memory, the same numbers to rounding)."""
     _check(net, loss, "clipped_value_and_grad")
     _check_clip("clipped_value_and_grad", l2_clip)
+    _check_chunk_size("clipped_value_and_grad", chunk_size)
 
     def f(params, x, y, *, where=None, **ctx):
-        n, value, total, cache = _clipped_sum(net, loss, l2_clip, params, x, y, where, ctx)
+        n, value, total, cache = _clipped_sum(net, loss, l2_clip, params, x, y, where, ctx, chunk_size)
         return _result(net, value, jax.tree_util.tree_map(lambda g: g / n, total), cache, ctx)
 
     return f
@@ -221,7 +319,7 @@ def _as_key(key):
     return key
 
 
-def dp_value_and_grad(net: Layer, loss: Loss, l2_clip, noise_multiplier):
+def dp_value_and_grad(net: Layer, loss: Loss, l2_clip, noise_multiplier, *, chunk_size: int | None = None):
     """Return ``f(params, x, y, key, *, where=None, **ctx) -> (J, grads)``, DP-SGD's
     clipped and noised mean gradient::
 
@@ -236,14 +334,16 @@ def dp_value_and_grad(net: Layer, loss: Loss, l2_clip, noise_multiplier):
     loss; a net with state returns ``((J, state), grads)``.
 
     Cost: one forward, the norms sweep and one ordinary backward; no
-    per-example gradient is formed for dense layers.
+    per-example gradient is formed for dense layers. ``chunk_size``: all of it
+    over sequential chunks of the batch (:func:`per_example_grad_norms`).
     """
     _check(net, loss, "dp_value_and_grad")
     _check_clip("dp_value_and_grad", l2_clip, noise_multiplier)
+    _check_chunk_size("dp_value_and_grad", chunk_size)
     std = l2_clip * noise_multiplier
 
     def f(params, x, y, noise_key, *, where=None, **ctx):
-        n, value, total, cache = _clipped_sum(net, loss, l2_clip, params, x, y, where, ctx)
+        n, value, total, cache = _clipped_sum(net, loss, l2_clip, params, x, y, where, ctx, chunk_size)
         leaves, treedef = jax.tree_util.tree_flatten(total)
         _, *rngs = jax.random.split(_as_key(noise_key), len(leaves) + 1)     # optax's split
         noised = [(g + std * jax.random.normal(r, g.shape, g.dtype)) / n for g, r in zip(leaves, rngs)]
@@ -259,14 +359,15 @@ def next_key(key, params):
 
 
 class ClippedGrad(NamedTuple):
-    """``(net, loss) -> clipped_value_and_grad(net, loss, l2_clip)``: a gradient
-    function factory for :func:`jaxprop.train.fit`'s ``grad=`` (hashable, so
-    fit's compiled step is cached per clip)."""
+    """``(net, loss) -> clipped_value_and_grad(net, loss, l2_clip, chunk_size=...)``:
+    a gradient function factory for :func:`jaxprop.train.fit`'s ``grad=``
+    (hashable, so fit's compiled step is cached per clip)."""
 
     l2_clip: float
+    chunk_size: int | None = None
 
     def __call__(self, net, loss):
-        return clipped_value_and_grad(net, loss, self.l2_clip)
+        return clipped_value_and_grad(net, loss, self.l2_clip, chunk_size=self.chunk_size)
 
 
 class DPNoiseState(NamedTuple):

@@ -418,3 +418,72 @@ def test_runner_dp_options(tmp_path, capsys):
                      (["--dp-clip", "1", "--grad", "autodiff"], "--grad hand")):
         rc = cli.main(["--dataset", "moons", "--steps", "2", "--no-progress", "--out", str(tmp_path / "x")] + bad)
         assert rc == 2 and msg in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- chunked sweeps (less memory, same numbers)
+
+def _gn_cnn_batch(n=7):
+    net = jp.serial(jp.reshape((-1, 2)), jp.conv1d(4, 3), jp.group_norm(2), jp.relu(), jp.global_avg_pool(),
+                    jp.dense(3))
+    _, params = net.init(jax.random.key(0), (n, 12))
+    x = jax.random.normal(jax.random.key(1), (n, 12))
+    y = jax.random.randint(jax.random.key(2), (n,), 0, 3)
+    return net, jp.softmax_cross_entropy(), params, x, y
+
+
+@pytest.mark.parametrize("chunk_size", [3, 7, 10])          # a remainder; one chunk; larger than the batch
+def test_chunked_sweeps_equal_the_whole_batch(chunk_size):
+    net, loss, params, x, y = _gn_cnn_batch()
+    want = jax.jit(pe.per_example_grad_norms(net, loss))(params, x, y)
+    got = jax.jit(pe.per_example_grad_norms(net, loss, chunk_size=chunk_size))(params, x, y)
+    assert got.shape == (7,)
+    _close(got, want, 1e-12, f"chunked norms ({chunk_size})")
+    _close(got, jnp.sqrt(_sq(_vmap_grads(net, loss)(params, x, y), 7)), 1e-12, "chunked norms vs vmap")
+    clip = float(jnp.median(want))                            # clips about half of the examples
+    for make, args in ((lambda **k: pe.dp_value_and_grad(net, loss, clip, 0.7, **k), (params, x, y, jax.random.key(5))),
+                       (lambda **k: pe.clipped_value_and_grad(net, loss, clip, **k), (params, x, y))):
+        (v1, g1), (v2, g2) = (jax.jit(make(**k))(*args) for k in ({}, {"chunk_size": chunk_size}))
+        _close(v2, v1, 1e-12, "chunked loss value")
+        for a, b in zip(jax.tree_util.tree_leaves(g2), jax.tree_util.tree_leaves(g1)):
+            _close(a, b, 1e-12, f"chunked clipped gradient ({chunk_size})")
+
+
+def test_chunked_sweeps_refuse_what_they_cannot_split():
+    net, loss, params, x, y = _gn_cnn_batch()
+    f = pe.per_example_grad_norms(net, loss, chunk_size=3)
+    with pytest.raises(ValueError, match="chunk_size with where="):
+        f(params, x, y, where=jnp.ones(7, bool))
+    with pytest.raises(ValueError, match="chunk_size with a key"):
+        f(params, x, y, key=jax.random.key(0))
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+            pe.dp_value_and_grad(net, loss, 1.0, 1.0, chunk_size=bad)
+    bn = jp.serial(jp.dense(3), jp.batch_norm(), jp.dense(2))
+    _, p = bn.init(jax.random.key(0), (6, 4))
+    state = jp.init_state(bn, (6, 4))
+    xb, yb = jax.random.normal(jax.random.key(1), (6, 4)), jax.random.normal(jax.random.key(2), (6, 2))
+    with pytest.raises(PerExampleUnsupported, match="mixes"):
+        pe.clipped_value_and_grad(bn, jp.mse(), 1.0, chunk_size=2)(p, xb, yb, state=state)
+    (v, s), g = pe.clipped_value_and_grad(bn, jp.mse(), 1.0, chunk_size=4)(p, xb, yb, state=state, train=False)
+    (v0, s0), g0 = pe.clipped_value_and_grad(bn, jp.mse(), 1.0)(p, xb, yb, state=state, train=False)
+    _close(v, v0, 1e-12, "batch norm eval, chunked")
+    assert all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree_util.tree_leaves(s), jax.tree_util.tree_leaves(s0)))
+
+
+def test_runner_dp_chunk_size(tmp_path, capsys):
+    from jaxprop.runner import cli
+    import json
+    outs = []
+    for extra in ([], ["--dp-chunk-size", "16"]):
+        out = tmp_path / f"run{len(extra)}"
+        rc = cli.main(["--dataset", "moons", "--steps", "5", "--batch-size", "50", "--dp-clip", "0.8",
+                       "--no-progress", "--out", str(out)] + extra)
+        assert rc == 0, capsys.readouterr().err
+        outs.append(json.loads((out / "summary.json").read_text()))
+        cfg = json.loads((out / "config.json").read_text())["resolved"]
+        assert cfg["dp_chunk_size"] == (16 if extra else None)
+    assert outs[1]["final_train_loss"] == pytest.approx(outs[0]["final_train_loss"], rel=1e-4)
+    for bad, msg in ((["--dp-chunk-size", "4"], "need --dp-clip"),
+                     (["--dp-clip", "1", "--dp-chunk-size", "0"], "--dp-chunk-size must be")):
+        rc = cli.main(["--dataset", "moons", "--steps", "2", "--no-progress", "--out", str(tmp_path / "x")] + bad)
+        assert rc == 2 and msg in capsys.readouterr().err

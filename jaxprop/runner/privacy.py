@@ -37,15 +37,21 @@ def add_options(parser) -> None:
                    help=f"DP-SGD noise multiplier: std = SIGMA * C on the clipped sum (default {DEFAULT_NOISE})")
     g.add_argument("--dp-delta", type=float, default=None, metavar="DELTA",
                    help=f"the delta at which summary.json reports epsilon (default {DEFAULT_DELTA})")
+    g.add_argument("--dp-chunk-size", type=int, default=None, metavar="K",
+                   help="run the per-example sweep over sequential chunks of K examples of each batch: "
+                        "less memory, the same gradients to rounding (default: the whole batch at once)")
 
 
 def check(cfg: dict) -> None:
     """Values of the ``--dp-*`` options (a UsageError naming the option)."""
     clip, noise, delta = cfg.get("dp_clip"), cfg.get("dp_noise"), cfg.get("dp_delta")
+    chunk = cfg.get("dp_chunk_size")
     if clip is None:
-        if noise is not None or delta is not None:
-            raise UsageError("--dp-noise and --dp-delta need --dp-clip C (DP-SGD is off without it)")
+        if noise is not None or delta is not None or chunk is not None:
+            raise UsageError("--dp-noise, --dp-delta and --dp-chunk-size need --dp-clip C (DP-SGD is off without it)")
         return
+    if chunk is not None and chunk < 1:
+        raise UsageError(f"--dp-chunk-size must be a positive number of examples, got {chunk!r}")
     if not (math.isfinite(clip) and clip > 0):
         raise UsageError(f"--dp-clip must be a positive number (the per-example L2 norm bound), got {clip!r}")
     if noise is not None and not (math.isfinite(noise) and noise >= 0):
@@ -69,7 +75,7 @@ def setup(cfg: dict, tx):
     cfg["dp_delta"] = DEFAULT_DELTA if cfg.get("dp_delta") is None else cfg["dp_delta"]
     key = jax.random.fold_in(jax.random.key(cfg["seed"]), _NOISE_KEY)
     noise = pe.dp_noise(cfg["dp_clip"], cfg["dp_noise"], cfg["batch_size"], key)
-    return pe.ClippedGrad(cfg["dp_clip"]), optax.chain(noise, tx)
+    return pe.ClippedGrad(cfg["dp_clip"], cfg.get("dp_chunk_size")), optax.chain(noise, tx)
 
 
 def summary(cfg: dict, n_train: int, steps: int) -> dict:
